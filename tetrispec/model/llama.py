@@ -1,0 +1,210 @@
+"""Llama-family transformer that runs over a flat (ragged) batch of tokens and a paged cache.
+
+Weights are named as in Hugging Face's LlamaForCausalLM so checkpoints load by name; the
+q/k/v and gate/up projections are fused at load time (one matmul instead of three or two).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tetrispec.model.attention import AttentionMetadata, paged_attention
+from tetrispec.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies, with llama3-style or linear rope scaling when configured."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.inv_freq = rope_inv_freq(cfg).float()
+        self.cos = self.sin = torch.empty(0)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(positions.max()) + 1
+        if self.cos.shape[0] < needed or self.cos.device != positions.device:
+            n = max(needed, 2 * self.cos.shape[0], 4096)
+            t = torch.arange(n, dtype=torch.float32, device=positions.device)
+            freqs = torch.outer(t, self.inv_freq.to(positions.device))
+            emb = torch.cat([freqs, freqs], dim=-1)
+            self.cos, self.sin = emb.cos(), emb.sin()
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, hd]; rotate-half convention of Hugging Face Llama."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.scale = self.hd**-0.5
+
+    def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(
+            [self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1
+        )
+        q = apply_rope(q.view(T, self.n_heads, self.hd), cos, sin)
+        k = apply_rope(k.view(T, self.n_kv, self.hd), cos, sin)
+        v = v.view(T, self.n_kv, self.hd)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.reshape(T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, kv_cache, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.rotary = RotaryEmbedding(cfg)
+        head_rows = cfg.draft_vocab_size or cfg.vocab_size
+        self.lm_head = nn.Linear(cfg.hidden_size, head_rows, bias=False)
+        if cfg.tie_word_embeddings and not cfg.draft_vocab_size:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # lm_head row r predicts token head_token_ids[r] (identity unless a reduced head)
+        self.register_buffer("head_token_ids", torch.arange(head_rows), persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # hidden [T, H]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer, kv in zip(self.model.layers, kv_caches):
+            x = layer(x, cos, sin, kv, meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary float32 logits [N, V]; tokens a reduced head cannot emit get -inf."""
+        logits = self.lm_head(hidden).float()
+        if not self.config.draft_vocab_size:
+            return logits
+        full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
+        full[:, self.head_token_ids] = logits
+        return full
+
+    @torch.no_grad()
+    def load_hf_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load Hugging Face-named weights, fusing q/k/v and gate/up."""
+        weights = dict(weights)
+        for i in range(self.config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            weights[p + "self_attn.qkv_proj.weight"] = torch.cat(
+                [weights.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
+            )
+            weights[p + "mlp.gate_up_proj.weight"] = torch.cat(
+                [weights.pop(p + "mlp.gate_proj.weight"), weights.pop(p + "mlp.up_proj.weight")]
+            )
+        if "lm_head.head_token_ids" in weights:
+            self.head_token_ids = weights.pop("lm_head.head_token_ids").long()
+        if self.lm_head.weight is self.model.embed_tokens.weight:
+            weights.pop("lm_head.weight", None)
+        elif "lm_head.weight" not in weights:
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        weights = {k: v for k, v in weights.items() if "rotary_emb" not in k}
+        missing, unexpected = self.load_state_dict(weights, strict=False)
+        missing = [m for m in missing if m != "lm_head.weight" or not self.config.tie_word_embeddings]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Inverse of load_hf_state_dict, for saving checkpoints (distilled drafts)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, t in self.state_dict().items():
+            if name.endswith("qkv_proj.weight"):
+                c = self.config
+                q, k, v = t.split([c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
+                                   c.num_key_value_heads * c.head_dim])
+                base = name[: -len("qkv_proj.weight")]
+                out[base + "q_proj.weight"], out[base + "k_proj.weight"], out[base + "v_proj.weight"] = q, k, v
+            elif name.endswith("gate_up_proj.weight"):
+                base = name[: -len("gate_up_proj.weight")]
+                out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = t.chunk(2)
+            elif name == "lm_head.weight" and self.config.tie_word_embeddings and not self.config.draft_vocab_size:
+                continue
+            else:
+                out[name] = t
+        if self.config.draft_vocab_size:
+            out["lm_head.head_token_ids"] = self.head_token_ids
+        return {k: v.contiguous() for k, v in out.items()}
