@@ -33,7 +33,7 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device,
-    ) -> "AttentionMetadata":
+    ) -> AttentionMetadata:
         """query_lens[i] new tokens of sequence i end at context_lens[i] (cache included)."""
         B = len(query_lens)
         max_q, max_l = max(query_lens), max(context_lens)

@@ -32,7 +32,7 @@ class ModelConfig:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
 
     @classmethod
-    def from_hf(cls, d: dict) -> "ModelConfig":
+    def from_hf(cls, d: dict) -> ModelConfig:
         arch = (d.get("architectures") or ["LlamaForCausalLM"])[0]
         if d.get("model_type", "llama") not in ("llama", "mistral") and "Llama" not in arch:
             raise ValueError(f"unsupported architecture {arch!r}: tetrispec runs Llama-family models")

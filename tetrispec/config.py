@@ -1,0 +1,79 @@
+"""Engine and speculation settings: plain dataclasses, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+SPEC_METHODS = ("none", "fixed", "tetris", "dsd")
+DEFAULT = "default"  # sentinel: use the shipped default draft when one exists
+
+
+@dataclass
+class SpecConfig:
+    speculative_model: str | None = DEFAULT  # path, DEFAULT, or None (no draft)
+    method: str | None = None  # None: tetris when a draft is configured, else none
+    num_speculative_tokens: int = 3  # k
+    tetris_extra_proposals: int = 1  # e
+    tetris_turn_on_batch_size: int = 2
+    tetris_capacity: int | str | None = None  # None: k * B; an int; or "auto" (goodput-chosen)
+    dsd_max_k: int = 6
+    dsd_update_interval: int = 20
+    shadow_oracle: bool = False
+    profile_path: str | None = None  # cost-model cache; None: under ~/.cache/tetrispec
+
+    def validate(self) -> None:
+        if self.method is not None and self.method not in SPEC_METHODS:
+            raise ValueError(f"spec method must be one of {', '.join(SPEC_METHODS)}, got {self.method!r}")
+        for name in ("num_speculative_tokens", "tetris_turn_on_batch_size", "dsd_max_k", "dsd_update_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.tetris_extra_proposals, int) or self.tetris_extra_proposals < 0:
+            raise ValueError(f"tetris_extra_proposals must be >= 0, got {self.tetris_extra_proposals!r}")
+        cap = self.tetris_capacity
+        if cap is not None and cap != "auto" and (not isinstance(cap, int) or cap < 0):
+            raise ValueError(f"tetris_capacity must be a non-negative integer or 'auto', got {cap!r}")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # None: the default target (SmolLM2-135M-Instruct GGUF)
+    dtype: str = "float32"
+    device: str | None = None  # None: cuda when available, else cpu
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: derived from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 2.0
+    seed: int = 0
+    num_threads: int | None = None
+    spec: SpecConfig = field(default_factory=SpecConfig)
+
+    def validate(self) -> None:
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}): a whole prompt is prefilled in one step"
+            )
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        self.spec.validate()
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)

@@ -1,0 +1,290 @@
+"""LLMEngine.step(): schedule -> (propose -> select -> verify -> accept) or plain step -> postprocess."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tetrispec.config import DEFAULT, EngineConfig
+from tetrispec.engine.block_manager import BlockManager
+from tetrispec.engine.sampler import logits_to_probs, sample
+from tetrispec.engine.scheduler import Scheduler
+from tetrispec.engine.sequence import Sequence, SequenceStatus
+from tetrispec.model.loader import load_model
+from tetrispec.model.model_runner import ForwardItem, ModelRunner
+from tetrispec.model.tokenizer import IncrementalDetokenizer
+from tetrispec.sampling_params import SamplingParams
+from tetrispec.spec import rejection_sampler
+from tetrispec.spec.proposer import DraftProposer
+from tetrispec.spec.selectors import BatchInfo, make_selector
+from tetrispec.spec.stats import SpecStats
+
+DEFAULT_DRAFT_DIR = Path(__file__).resolve().parent.parent / "assets" / "draft"
+
+
+def default_draft_path() -> str | None:
+    """The shipped draft for the default target, if this installation has one."""
+    return str(DEFAULT_DRAFT_DIR) if (DEFAULT_DRAFT_DIR / "config.json").exists() else None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    finished: bool
+    metrics: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        config.validate()
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        device, dtype = config.torch_device, config.torch_dtype
+        self.device = device
+        target, self.tokenizer = load_model(config.model, dtype, device)
+        self.model_config = target.config
+        self.max_model_len = min(config.max_model_len, target.config.max_position_embeddings)
+        draft = self._load_draft(dtype, device)
+
+        block_bytes = ModelRunner.bytes_per_block(target, config.block_size, dtype)
+        if draft is not None:
+            block_bytes += ModelRunner.bytes_per_block(draft, config.block_size, dtype)
+        num_blocks = config.num_kv_blocks or int(config.kv_cache_memory_gb * 2**30 // block_bytes)
+        self.selector = make_selector(config.spec, has_draft=draft is not None)
+        min_blocks = -(-(self.max_model_len + self.selector.max_depth + 1) // config.block_size)
+        if num_blocks < min_blocks:
+            raise ValueError(f"KV cache of {num_blocks} blocks cannot hold one sequence of max_model_len "
+                             f"{self.max_model_len}; raise kv_cache_memory_gb or num_kv_blocks")
+        self.target = ModelRunner(target, num_blocks, config.block_size, dtype, device)
+        self.draft = ModelRunner(draft, num_blocks, config.block_size, dtype, device) if draft else None
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.proposer = DraftProposer(self.draft, self.generator) if self.draft else None
+        if self.selector.name == "dsd" or config.spec.tetris_capacity == "auto":
+            self.selector.attach_cost_model(self._cost_model())
+        self.stats = SpecStats()
+        self.eos_ids = set(self.tokenizer.eos_token_ids) | set(target.config.eos_token_ids)
+        self._ids = itertools.count()
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    # ---- set-up -------------------------------------------------------------------------
+    def _load_draft(self, dtype: torch.dtype, device: torch.device):
+        spec = self.config.spec
+        path = spec.speculative_model
+        if path == DEFAULT:
+            path = default_draft_path() if self.config.model is None else None
+        if spec.method == "none" or path is None:
+            if spec.method not in (None, "none"):
+                raise ValueError(f"--spec-method {spec.method} needs a draft model (--speculative-model)")
+            return None
+        draft, draft_tok = load_model(path, dtype, device)
+        if draft_tok.vocab() != self.tokenizer.vocab():
+            raise ValueError(f"draft model {path} does not share the target's tokenizer (vocabularies differ)")
+        if draft.config.vocab_size != self.model_config.vocab_size:
+            raise ValueError(f"draft vocab_size {draft.config.vocab_size} != target's {self.model_config.vocab_size}")
+        return draft
+
+    def _cost_model(self):
+        from tetrispec.spec.cost_model import load_or_profile
+
+        spec, cfg = self.config.spec, self.config
+        path = spec.profile_path or str(
+            Path.home() / ".cache" / "tetrispec" / "profiles"
+            / f"{Path(str(cfg.model)).name}-{Path(str(spec.speculative_model)).name}-{self.device.type}"
+              f"-{cfg.dtype}-t{torch.get_num_threads()}.json"
+        )
+        return load_or_profile(Path(path), self.target, self.draft, cfg.max_num_seqs,
+                               self.selector.max_depth, self.block_manager.num_blocks * cfg.block_size)
+
+    # ---- requests -----------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        params = params or SamplingParams()
+        params.validate()
+        if isinstance(prompt, str):
+            ids, text = self.tokenizer.encode(prompt), prompt
+        else:
+            ids, text = list(prompt), None
+            if any(not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size for t in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {self.model_config.vocab_size})")
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; the context limit is {self.max_model_len}")
+        seq = Sequence(request_id or str(next(self._ids)), ids, params, prompt=text)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, len(ids))
+        self.scheduler.add(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> bool:
+        seq = self.scheduler.abort(request_id)
+        if seq is not None:
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        return seq is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Run one forward step; returns the sequences that gained tokens."""
+        batch = self.scheduler.schedule(lookahead=self.selector.max_depth if self.draft else 0)
+        seqs = batch.seqs
+        if not seqs:
+            return []
+        if batch.is_prefill:
+            self._prefill(seqs)
+        else:
+            info = BatchInfo(len(seqs), sum(s.num_tokens for s in seqs) / len(seqs))
+            depth = self.selector.depth(info) if self.draft and batch.lookahead_ok else 0
+            if depth:
+                self._speculate(seqs, depth, info)
+            else:
+                self._decode(seqs)
+        for seq in seqs:
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+            else:
+                self.block_manager.truncate(seq, seq.num_tokens)
+        return seqs
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        probs = logits_to_probs(logits, [s.params for s in seqs])
+        u = torch.ones(len(seqs), device=probs.device)
+        for i, s in enumerate(seqs):
+            if not s.params.greedy:
+                u[i] = 1.0 - torch.rand(1, generator=s.generator or self.generator).item()
+        return sample(probs, u).tolist()
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        items = [ForwardItem(s.token_ids, 0, s.block_table) for s in seqs]
+        logits = self.target.forward(items, "last")
+        if self.draft is not None:
+            self.draft.forward(items, "none")
+        for s, token in zip(seqs, self._sample(logits, seqs)):
+            s.num_cached = s.num_draft_cached = s.num_tokens
+            self.num_prompt_tokens += s.num_prompt_tokens if s.num_preemptions == 0 else 0
+            self._append(s, [token])
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        items = [ForwardItem([s.token_ids[-1]], s.num_tokens - 1, s.block_table) for s in seqs]
+        logits = self.target.forward(items, "last")
+        self.stats.num_steps += 1
+        for s, token in zip(seqs, self._sample(logits, seqs)):
+            s.num_cached = s.num_tokens
+            emitted = self._append(s, [token])
+            for st in (s.spec, self.stats):
+                st.record(0, 0, 0, emitted)
+
+    def _speculate(self, seqs: list[Sequence], depth: int, info: BatchInfo) -> None:
+        B = len(seqs)
+        proposal = self.proposer.propose(seqs, depth, self.selector.keep_going(info))
+        K = proposal.depth
+        lengths = self.selector.select(proposal.logprobs, info).clamp(max=K)  # [B]
+        shadow = self.config.spec.shadow_oracle
+        verify_lens = [K] * B if shadow else lengths.tolist()
+        drafts = proposal.tokens.tolist()
+        items = [ForwardItem([s.token_ids[-1]] + drafts[i][: verify_lens[i]], s.num_tokens - 1, s.block_table)
+                 for i, s in enumerate(seqs)]
+        logits = self.target.forward(items, "all")  # [sum(l_i + 1), V]
+        row_params = [s.params for s, n in zip(seqs, verify_lens) for _ in range(n + 1)]
+        flat_probs = logits_to_probs(logits, row_params)
+        # ragged rows -> [B, K + 1, V]; rows past l_i stay zero and are never read
+        p = flat_probs.new_zeros(B, K + 1, flat_probs.shape[-1])
+        starts = [0, *itertools.accumulate(n + 1 for n in verify_lens)]
+        for i, n in enumerate(verify_lens):
+            p[i, : n + 1] = flat_probs[starts[i] : starts[i + 1]]
+        u_accept = torch.ones(B, K, device=p.device)
+        u_final = torch.ones(B, device=p.device)
+        for i, s in enumerate(seqs):
+            if not s.params.greedy:  # K + 1 draws per step whatever l_i is
+                u = 1.0 - torch.rand(K + 1, generator=s.generator or self.generator)
+                u_accept[i], u_final[i] = u[:K].to(p.device), u[K].item()
+        verdict = rejection_sampler.verify(p, proposal.tokens, proposal.probs, lengths.to(p.device),
+                                           u_accept, u_final, oracle=shadow)
+        self.selector.observe(proposal.logprobs, lengths.tolist(), verdict.num_accepted)
+        self.stats.num_steps += 1
+        if shadow:
+            self.stats.oracle_accepted += sum(verdict.num_accepted)
+            self.stats.oracle_bound += min(int(lengths.sum()), sum(verdict.oracle_accepted))
+        for i, s in enumerate(seqs):
+            a, n = verdict.num_accepted[i], s.num_tokens
+            s.num_cached = n + a  # t_{n-1} and the accepted drafts; rejected entries are dead
+            s.num_draft_cached = min(s.num_draft_cached, n + a)
+            emitted = self._append(s, drafts[i][:a] + [verdict.next_tokens[i]])
+            for st in (s.spec, self.stats):
+                st.record(K, int(lengths[i]), a, emitted)
+
+    # ---- postprocess --------------------------------------------------------------------
+    def _append(self, seq: Sequence, tokens: list[int]) -> int:
+        """Append tokens until a stop rule fires; returns how many were kept."""
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        params, kept = seq.params, 0
+        for token in tokens:
+            seq.token_ids.append(token)
+            kept += 1
+            if not params.ignore_eos and token in self.eos_ids:
+                seq.finish_reason, seq.stop_reason = "stop", None
+            elif token in params.stop_token_ids:
+                seq.finish_reason, seq.stop_reason = "stop", token
+            elif params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+                seq.finish_reason = "length"
+            elif seq.num_tokens >= self.max_model_len:
+                seq.finish_reason = "length"
+            if seq.finish_reason:
+                break
+        self.num_generation_tokens += kept
+        self._detokenize(seq)
+        if seq.finish_reason:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_time = time.monotonic()
+        return kept
+
+    def _detokenize(self, seq: Sequence) -> None:
+        ids = seq.token_ids
+        if seq.finish_reason == "stop" and seq.stop_reason is None or isinstance(seq.stop_reason, int):
+            ids = ids[:-1]  # the stop token itself is not part of the text
+        before = len(seq.output_text)
+        seq.output_text += seq.detokenizer.step(ids, final=seq.finish_reason is not None)
+        if not seq.params.stop:
+            return
+        longest = max(len(s) for s in seq.params.stop)
+        window_start = max(0, before - longest + 1)
+        hits = [(seq.output_text.find(s, window_start), s) for s in seq.params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            index, stop = min(hits)
+            seq.output_text = seq.output_text[:index]
+            seq.finish_reason, seq.stop_reason = "stop", stop
+
+    def make_output(self, seq: Sequence) -> RequestOutput:
+        metrics = {
+            "arrival_time": seq.arrival_time,
+            "ttft": (seq.first_token_time - seq.arrival_time) if seq.first_token_time else None,
+            "e2e_latency": (seq.finish_time - seq.arrival_time) if seq.finish_time else None,
+            "num_prompt_tokens": seq.num_prompt_tokens,
+            "num_output_tokens": seq.num_output_tokens,
+            "num_preemptions": seq.num_preemptions,
+            "spec": seq.spec.summary(),
+        }
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, seq.output_text,
+                             seq.output_token_ids, seq.finish_reason, seq.is_finished, metrics)
+
+    def spec_stats(self) -> dict:
+        out = self.stats.summary()
+        out["method"] = self.selector.name if self.draft else "none"
+        out["num_preemptions"] = self.scheduler.num_preemptions
+        return out

@@ -1,0 +1,58 @@
+"""Owns one model and its KV cache pool; turns ragged batches into one forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tetrispec.model.attention import AttentionMetadata
+from tetrispec.model.llama import LlamaForCausalLM
+
+
+@dataclass
+class ForwardItem:
+    """New tokens of one sequence: they occupy positions start .. start + len(tokens) - 1."""
+
+    tokens: list[int]
+    start: int
+    block_table: list[int]
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        cfg = model.config
+        shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(cfg.num_hidden_layers)
+        ]
+
+    @staticmethod
+    def bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
+        cfg = model.config
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+    @torch.inference_mode()
+    def forward(self, items: list[ForwardItem], logits_for: str = "last") -> torch.Tensor | None:
+        """Run the batch; logits_for is "last" ([B, V]), "all" ([T, V]) or "none"."""
+        query_lens = [len(it.tokens) for it in items]
+        context_lens = [it.start + q for it, q in zip(items, query_lens)]
+        meta = AttentionMetadata.build(query_lens, context_lens, [it.block_table for it in items],
+                                       self.block_size, self.device)
+        flat = [t for it in items for t in it.tokens]
+        positions = [p for it, q in zip(items, query_lens) for p in range(it.start, it.start + q)]
+        input_ids = torch.tensor(flat, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(input_ids, pos, self.kv_caches, meta)
+        if logits_for == "none":
+            return None
+        if logits_for == "last":
+            last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
+            hidden = hidden[last]
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,68 @@
+"""Draft-model proposer: K batched draft forwards, keeping every position's distribution.
+
+The draft may lag the sequence (bonus and correction tokens it has not seen, or steps that
+ran without speculation); its first forward feeds all of those tokens at once, so catching
+up costs no extra forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tetrispec.engine.sampler import logits_to_probs, sample
+from tetrispec.engine.sequence import Sequence
+from tetrispec.model.model_runner import ForwardItem, ModelRunner
+
+
+@dataclass
+class Proposal:
+    tokens: torch.Tensor  # [B, K] proposed tokens
+    logprobs: torch.Tensor  # [B, K] log q(x) of each proposed token
+    probs: torch.Tensor | None  # [B, K, V] draft distributions; None when every request is greedy
+
+    @property
+    def depth(self) -> int:
+        return self.tokens.shape[1]
+
+
+# Called after each draft forward with the log-probabilities so far [B, j]; False stops drafting.
+KeepGoing = Callable[[torch.Tensor], bool]
+
+
+class DraftProposer:
+    def __init__(self, runner: ModelRunner, generator: torch.Generator) -> None:
+        self.runner = runner
+        self.generator = generator
+
+    def propose(self, seqs: list[Sequence], depth: int, keep_going: KeepGoing | None = None) -> Proposal:
+        params = [s.params for s in seqs]
+        greedy = all(p.greedy for p in params)
+        tokens, logprobs, probs = [], [], []
+        items = [ForwardItem(s.token_ids[s.num_draft_cached:], s.num_draft_cached, s.block_table) for s in seqs]
+        for j in range(depth):
+            logits = self.runner.forward(items, "last")  # [B, V]
+            q = logits_to_probs(logits, params)
+            u = torch.ones(len(seqs), device=q.device)
+            if not greedy:
+                for i, s in enumerate(seqs):
+                    if not s.params.greedy:
+                        u[i] = 1.0 - torch.rand(1, generator=s.generator or self.generator).item()
+            x = sample(q, u)  # [B]
+            tokens.append(x)
+            logprobs.append(q.gather(1, x[:, None]).squeeze(1).clamp_min(1e-30).log())
+            if not greedy:
+                probs.append(q)
+            if keep_going is not None and j + 1 < depth and not keep_going(torch.stack(logprobs, 1)):
+                break
+            if j + 1 < depth:
+                xs = x.tolist()
+                items = [ForwardItem([xs[i]], s.num_tokens + j, s.block_table) for i, s in enumerate(seqs)]
+        # Fed: everything up to the last token, then the first len(tokens) - 1 drafts.
+        for s in seqs:
+            s.num_draft_cached = s.num_tokens + len(tokens) - 1
+        return Proposal(
+            torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(probs, 1) if probs else None
+        )

@@ -1,0 +1,150 @@
+"""Selectors decide how many drafts of each request the target verifies (l_i).
+
+Every selector sees only draft-side information, which keeps verification lossless. The
+engine asks `depth(batch)` for how deep to draft this step (0: no speculation), then
+`select(logprobs, batch)` for the lengths, and reports outcomes through `observe`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tetrispec.spec.cost_model import CostModel
+
+
+@dataclass
+class BatchInfo:
+    batch_size: int
+    mean_len: float  # mean tokens per running sequence (attention cost)
+
+
+def tetris_select(draft_logprobs: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Tetris: the `capacity` draft tokens with the highest cumulative draft probability.
+
+    draft_logprobs [B, K] holds log q of each proposed token; returns lengths l [B] with
+    sum(l) = min(capacity, B * K). Scores fall along a draft, and ties are broken in favour
+    of the shallower position, so the chosen set is a prefix of every request's draft.
+    """
+    B, K = draft_logprobs.shape
+    scores = draft_logprobs.clamp(max=0.0).cumsum(1)  # [B, K], non-increasing along K
+    flat = scores.t().reshape(-1)  # position-major: index j * B + i
+    order = torch.sort(flat, descending=True, stable=True).indices[: max(0, int(capacity))]
+    return torch.bincount(order % B, minlength=B)
+
+
+class Selector:
+    """No speculation: every step is a plain decode."""
+
+    name = "none"
+    max_depth = 0
+
+    def depth(self, batch: BatchInfo) -> int:
+        return 0
+
+    def select(self, draft_logprobs: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
+        return torch.zeros(draft_logprobs.shape[0], dtype=torch.long)
+
+    def observe(self, proposal_logprobs: torch.Tensor, lengths: list[int], accepted: list[int]) -> None:
+        """Outcome of a speculative step, for selectors that learn."""
+
+    def keep_going(self, batch: BatchInfo):
+        """Optional early stop for drafting (see proposer.KeepGoing); None drafts the full depth."""
+        return None
+
+    def attach_cost_model(self, cost: CostModel) -> None:
+        self.cost = cost
+
+
+class FixedK(Selector):
+    """Standard speculative decoding: every request verifies k drafts."""
+
+    name = "fixed"
+
+    def __init__(self, k: int) -> None:
+        self.k = self.max_depth = k
+
+    def depth(self, batch: BatchInfo) -> int:
+        return self.k
+
+    def select(self, draft_logprobs: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
+        return torch.full((draft_logprobs.shape[0],), draft_logprobs.shape[1], dtype=torch.long)
+
+
+class Tetris(Selector):
+    """Draft k + e per request, verify the best C = k * B (or a fixed C) over the batch."""
+
+    name = "tetris"
+
+    def __init__(self, k: int, extra: int, turn_on_batch_size: int = 2, capacity: int | None = None) -> None:
+        self.k, self.extra, self.turn_on, self.capacity = k, extra, turn_on_batch_size, capacity
+        self.max_depth = k + extra
+
+    def depth(self, batch: BatchInfo) -> int:
+        return self.k + self.extra if batch.batch_size >= self.turn_on else self.k
+
+    def select(self, draft_logprobs: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
+        if batch.batch_size < self.turn_on:
+            return torch.full((draft_logprobs.shape[0],), min(self.k, draft_logprobs.shape[1]), dtype=torch.long)
+        capacity = self.capacity if self.capacity is not None else self.k * batch.batch_size
+        return tetris_select(draft_logprobs, capacity)
+
+
+class DSD(Selector):
+    """SmartSpec goodput: one k for the batch, re-chosen every `interval` steps.
+
+    goodput(k) = B * (1 - a^(k+1)) / (1 - a) / T(B, s, k), with a the EMA token acceptance
+    rate and T the profiled step time; k = 0 (no speculation) gets a 1.1x bonus.
+    """
+
+    name = "dsd"
+
+    def __init__(self, max_k: int, interval: int = 20, alpha: float = 0.7, cost: CostModel | None = None) -> None:
+        self.cost, self.max_depth, self.interval = cost, max_k, interval
+        self.alpha = alpha
+        self.steps = 0
+        self.k = 1
+
+    def goodput(self, k: int, batch: BatchInfo) -> float:
+        a = min(self.alpha, 0.999)
+        tokens = batch.batch_size * (1 - a ** (k + 1)) / (1 - a)
+        time = self.cost.step_time(batch.batch_size, batch.mean_len, k)
+        return tokens / time * (1.1 if k == 0 else 1.0)
+
+    def depth(self, batch: BatchInfo) -> int:
+        if self.steps % self.interval == 0:
+            best, best_k = self.goodput(0, batch), 0
+            for k in range(1, self.max_depth + 1):
+                g = self.goodput(k, batch)
+                if g <= best:
+                    break
+                best, best_k = g, k
+            self.k = best_k
+        self.steps += 1
+        return self.k
+
+    def select(self, draft_logprobs: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
+        return torch.full((draft_logprobs.shape[0],), draft_logprobs.shape[1], dtype=torch.long)
+
+    def observe(self, proposal_logprobs: torch.Tensor, lengths: list[int], accepted: list[int]) -> None:
+        drafted = sum(lengths)
+        if drafted:
+            self.alpha = 0.85 * self.alpha + 0.15 * (sum(accepted) / drafted)
+
+
+def make_selector(spec, has_draft: bool) -> Selector:
+    """The selector named by the speculation config (tetris by default when a draft exists)."""
+    method = spec.method or ("tetris" if has_draft else "none")
+    if method == "none" or not has_draft:
+        return Selector()
+    k = spec.num_speculative_tokens
+    if method == "fixed":
+        return FixedK(k)
+    if method == "dsd":
+        return DSD(spec.dsd_max_k, spec.dsd_update_interval)
+    if spec.tetris_capacity == "auto":
+        from tetrispec.spec.auto_capacity import AutoTetris
+
+        return AutoTetris(max_depth=k + spec.tetris_extra_proposals)
+    return Tetris(k, spec.tetris_extra_proposals, spec.tetris_turn_on_batch_size, spec.tetris_capacity)
