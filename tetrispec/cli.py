@@ -1,0 +1,40 @@
+"""`tetrispec <command>`: each command lives in tetrispec/commands/<name>.py with
+`register(subparsers)` and a `run(args) -> int` set as the parser's default `func`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ["generate", "serve", "bench", "sweep", "profile", "distill"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tetrispec", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"tetrispec.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"tetrispec.commands.{name}":
+                raise
+            continue
+        module.register(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (CLIError, ValueError, FileNotFoundError) as e:
+        print(f"tetrispec {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Engine and speculation flags shared by generate, serve and sweep (vLLM's names)."""
+
+from __future__ import annotations
+
+import argparse
+
+from tetrispec.config import DEFAULT, SPEC_METHODS
+
+
+def _capacity(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'auto', got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'auto', got {value!r}")
+    return n
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file (default: SmolLM2-135M)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--max-num-seqs", type=_positive, default=32)
+    g.add_argument("--max-num-batched-tokens", type=_positive, default=8192)
+    g.add_argument("--max-model-len", type=_positive, default=2048)
+    g.add_argument("--block-size", type=_positive, default=16)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    g.add_argument("--num-kv-blocks", type=_positive, default=None)
+    g.add_argument("--num-threads", type=_positive, default=None)
+    g.add_argument("--engine-seed", type=int, default=0)
+    s = p.add_argument_group("speculative decoding")
+    s.add_argument("--speculative-model", default=DEFAULT,
+                   help="draft checkpoint (default: the shipped draft when --model is not given)")
+    s.add_argument("--spec-method", choices=SPEC_METHODS, default=None,
+                   help="default: tetris when a draft model is configured, else none")
+    s.add_argument("--num-speculative-tokens", type=_positive, default=3, help="k")
+    s.add_argument("--tetris-extra-proposals", type=int, default=1, help="e")
+    s.add_argument("--tetris-turn-on-batch-size", type=_positive, default=2)
+    s.add_argument("--tetris-capacity", type=_capacity, default=None, help="default k*B; an integer, or auto")
+    s.add_argument("--dsd-max-k", type=_positive, default=6)
+    s.add_argument("--spec-shadow-oracle", action="store_true",
+                   help="also verify every drafted token to measure oracle efficiency (slower)")
+    s.add_argument("--profile-path", default=None, help="step-time profile cache (DSD and --tetris-capacity auto)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """Keywords for tetrispec.llm.build_config / LLM(...)."""
+    return dict(
+        model=args.model, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        block_size=args.block_size, kv_cache_memory_gb=args.kv_cache_memory_gb, num_kv_blocks=args.num_kv_blocks,
+        num_threads=args.num_threads, seed=args.engine_seed, speculative_model=args.speculative_model,
+        spec_method=args.spec_method, num_speculative_tokens=args.num_speculative_tokens,
+        tetris_extra_proposals=args.tetris_extra_proposals, tetris_turn_on_batch_size=args.tetris_turn_on_batch_size,
+        tetris_capacity=args.tetris_capacity, dsd_max_k=args.dsd_max_k, spec_shadow_oracle=args.spec_shadow_oracle,
+        profile_path=args.profile_path,
+    )
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Fail fast, before loading anything, on model paths that do not exist."""
+    from pathlib import Path
+
+    from tetrispec.cli import CLIError
+
+    for flag, value in (("--model", args.model), ("--speculative-model", args.speculative_model)):
+        if value not in (None, DEFAULT) and not Path(value).exists():
+            raise CLIError(f"{flag} {value}: no such file or directory")

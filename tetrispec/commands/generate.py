@@ -1,0 +1,79 @@
+"""`tetrispec generate`: offline generation for prompts given on the command line or in a file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tetrispec.commands.engine_args import add_engine_args, check_paths, engine_kwargs
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate completions offline")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="one prompt per line, or a JSONL file of {\"prompt\": ...}")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap prompts in the model's chat template (default on)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def read_prompts(args) -> list[str]:
+    from tetrispec.cli import CLIError
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise CLIError(f"--prompts-file {path}: no such file")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            if line.lstrip().startswith("{"):
+                try:
+                    prompts.append(str(json.loads(line)["prompt"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise CLIError(f"--prompts-file {path}: line {n} is not a JSON object with a 'prompt'") from None
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise CLIError("give at least one --prompt or a --prompts-file")
+    return prompts
+
+
+def run(args) -> int:
+    from tetrispec import LLM, SamplingParams
+
+    prompts = read_prompts(args)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                            max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos)
+    check_paths(args)
+    llm = LLM(**engine_kwargs(args))
+    if args.chat and llm.tokenizer.chat_template:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+        for out, p in zip(outputs, prompts):
+            out.prompt = p
+    else:
+        outputs = llm.generate(prompts, params)
+    for out in outputs:
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "text": out.text, "token_ids": out.token_ids,
+                              "finish_reason": out.finish_reason, "metrics": out.metrics}))
+        else:
+            print(out.text if len(outputs) == 1 else f"### {out.prompt}\n{out.text}\n")
+    stats = llm.spec_stats()
+    summary = {k: v for k, v in stats.items() if k != "per_position_acceptance"}
+    line = json.dumps({"spec_stats": stats}) if args.json else "spec: " + ", ".join(
+        f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in summary.items())
+    print(line, file=sys.stdout if args.json else sys.stderr)
+    return 0
