@@ -124,7 +124,9 @@ class DecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # A reduced-vocabulary draft embeds its own tokens plus one shared row for all others.
+        rows = cfg.draft_vocab_size + 1 if cfg.draft_vocab_size else cfg.vocab_size
+        self.embed_tokens = nn.Embedding(rows, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -139,8 +141,23 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, head_rows, bias=False)
         if cfg.tie_word_embeddings and not cfg.draft_vocab_size:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # lm_head row r predicts token head_token_ids[r] (identity unless a reduced head)
+        # lm_head row r predicts token head_token_ids[r] (identity unless a reduced head);
+        # token_rows maps a token id to its embedding row (the last row: not in the draft vocab).
         self.register_buffer("head_token_ids", torch.arange(head_rows), persistent=False)
+        self.register_buffer("token_rows", torch.arange(cfg.vocab_size), persistent=False)
+        if cfg.draft_vocab_size:
+            self.set_draft_vocab(torch.arange(head_rows))
+
+    def set_draft_vocab(self, token_ids: torch.Tensor) -> None:
+        """Choose which target tokens the reduced head predicts (and the embedding embeds)."""
+        n = self.config.draft_vocab_size
+        if token_ids.shape != (n,):
+            raise ValueError(f"draft vocabulary needs {n} token ids, got {tuple(token_ids.shape)}")
+        device = self.token_rows.device
+        self.head_token_ids = token_ids.long().to(device)
+        rows = torch.full((self.config.vocab_size,), n, dtype=torch.long, device=device)
+        rows[self.head_token_ids] = torch.arange(n, device=device)
+        self.token_rows = rows
 
     def forward(
         self,
@@ -149,6 +166,8 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # hidden [T, H]
+        if self.config.draft_vocab_size:
+            input_ids = self.token_rows[input_ids]
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer, kv in zip(self.model.layers, kv_caches):
@@ -177,7 +196,7 @@ class LlamaForCausalLM(nn.Module):
                 [weights.pop(p + "mlp.gate_proj.weight"), weights.pop(p + "mlp.up_proj.weight")]
             )
         if "lm_head.head_token_ids" in weights:
-            self.head_token_ids = weights.pop("lm_head.head_token_ids").long()
+            self.set_draft_vocab(weights.pop("lm_head.head_token_ids"))
         if self.lm_head.weight is self.model.embed_tokens.weight:
             weights.pop("lm_head.weight", None)
         elif "lm_head.weight" not in weights:
