@@ -1,0 +1,124 @@
+"""Speculative decoding through the batched engine is lossless.
+
+Greedy: every method emits exactly the target's own greedy tokens, with preemption
+happening. Sampling: token frequencies match target-only sampling.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from conftest import mixed_prompts
+
+from tetrispec import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+PRESSURE = dict(max_num_seqs=8, num_kv_blocks=72, block_size=4, max_model_len=256, max_num_batched_tokens=256)
+
+METHODS = (
+    [("fixed", dict(num_speculative_tokens=k)) for k in range(1, 7)]
+    + [("tetris", dict(num_speculative_tokens=k, tetris_extra_proposals=e)) for k, e in [(1, 1), (2, 2), (3, 1), (2, 3)]]
+    + [("tetris", dict(num_speculative_tokens=2, tetris_capacity=5)),
+       ("tetris", dict(num_speculative_tokens=2, spec_shadow_oracle=True)),
+       ("dsd", dict(dsd_max_k=4))]
+)
+
+
+@pytest.fixture(scope="module")
+def target_greedy(tiny_pair):
+    llm = LLM(tiny_pair[0], spec_method="none", max_num_seqs=1)
+    return [o.token_ids for o in llm.generate(mixed_prompts(32), GREEDY)]
+
+
+@pytest.mark.parametrize(("method", "kw"), METHODS, ids=lambda x: str(x))
+def test_greedy_identical_under_preemption(tiny_pair, target_greedy, tmp_path, method, kw):
+    llm = LLM(tiny_pair[0], speculative_model=tiny_pair[1], spec_method=method,
+              profile_path=str(tmp_path / "profile.json"), **PRESSURE, **kw)
+    outputs = llm.generate(mixed_prompts(32), GREEDY)
+    engine = llm.engine
+    assert [o.token_ids for o in outputs] == target_greedy
+    assert engine.scheduler.num_preemptions > 0, "the test must exercise preemption"
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+    s = engine.stats
+    assert 0 <= s.accepted <= s.verified <= s.drafted
+    if method != "dsd":
+        assert s.accepted > 0, "the draft should agree with the target sometimes"
+    per_request = sum(o.metrics["spec"]["accepted_tokens"] for o in outputs)
+    assert per_request == s.accepted
+    if kw.get("spec_shadow_oracle"):
+        assert 0 < llm.spec_stats()["oracle_efficiency"] <= 1.0
+
+
+def test_tetris_respects_capacity(tiny_pair, monkeypatch):
+    llm = LLM(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="tetris", num_speculative_tokens=2,
+              tetris_extra_proposals=2, max_num_seqs=8)
+    seen = []
+    select = llm.engine.selector.select
+
+    def spy(logprobs, batch):
+        lengths = select(logprobs, batch)
+        seen.append((int(lengths.sum()), batch.batch_size, logprobs.shape[1]))
+        return lengths
+
+    monkeypatch.setattr(llm.engine.selector, "select", spy)
+    llm.generate(mixed_prompts(8), GREEDY)
+    assert seen
+    for total, B, K in seen:
+        assert total <= 2 * B
+        assert K == (4 if B >= 2 else 2)
+
+
+def test_default_method_is_tetris_with_a_draft_and_none_turns_it_off(tiny_pair):
+    assert LLM(tiny_pair[0], speculative_model=tiny_pair[1]).engine.selector.name == "tetris"
+    llm = LLM(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="none")
+    assert llm.engine.draft is None and llm.spec_stats()["method"] == "none"
+
+
+def test_draft_with_other_vocabulary_is_rejected(tiny_pair, tmp_path):
+    import conftest
+
+    from tetrispec.model.loader import save_checkpoint
+    from tetrispec.model.tokenizer import Tokenizer
+
+    other = Tokenizer.from_path(tiny_pair[1])
+    other.tok.add_tokens(["<|extra_token|>"])  # one token more: vocabularies differ
+    save_checkpoint(conftest.tiny_target(other.vocab_size), other, tmp_path / "draft")
+    with pytest.raises(ValueError, match="tokenizer"):
+        LLM(tiny_pair[0], speculative_model=str(tmp_path / "draft"))
+
+
+def _second_token_counts(llm: LLM, n: int, seed: int) -> collections.Counter:
+    params = [SamplingParams(temperature=1.0, max_tokens=3, ignore_eos=True, seed=seed + i) for i in range(n)]
+    outs = llm.generate(["The capital of France is"] * n, params)
+    return collections.Counter(tuple(o.token_ids[:3]) for o in outs), collections.Counter(
+        o.token_ids[1] for o in outs)
+
+
+def chi2_pvalue(a: collections.Counter, b: collections.Counter) -> float:
+    """Two-sample chi-square homogeneity test over the union of categories (rare ones pooled)."""
+    na, nb = sum(a.values()), sum(b.values())
+    cats = [c for c in set(a) | set(b) if a[c] + b[c] >= 10]
+    rare_a = na - sum(a[c] for c in cats)
+    rare_b = nb - sum(b[c] for c in cats)
+    rows = [(a[c], b[c]) for c in cats] + ([(rare_a, rare_b)] if rare_a + rare_b else [])
+    stat = 0.0
+    for x, y in rows:
+        tot = x + y
+        ex, ey = tot * na / (na + nb), tot * nb / (na + nb)
+        stat += (x - ex) ** 2 / ex + (y - ey) ** 2 / ey
+    df = max(1, len(rows) - 1)
+    return float(torch.special.gammaincc(torch.tensor(df / 2.0), torch.tensor(stat / 2.0)))
+
+
+def test_sampling_matches_target_only_frequencies(tiny_pair):
+    n = 1500
+    plain = LLM(tiny_pair[0], spec_method="none", max_num_seqs=64)
+    spec = LLM(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="tetris", num_speculative_tokens=2,
+               tetris_extra_proposals=1, max_num_seqs=64)
+    seq_a, tok_a = _second_token_counts(plain, n, seed=0)
+    seq_b, tok_b = _second_token_counts(spec, n, seed=10_000)
+    assert spec.engine.stats.accepted > 0 and spec.engine.stats.verified > spec.engine.stats.accepted
+    assert chi2_pvalue(tok_a, tok_b) > 1e-3
+    assert chi2_pvalue(seq_a, seq_b) > 1e-3
