@@ -18,12 +18,22 @@ import torch.nn.functional as F
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot written by each new token
-    kv_index: torch.Tensor  # [B, L] slots of the keys each sequence attends to (padded)
+    block_index: torch.Tensor  # [B * max_blocks] each sequence's block table, padded with block 0
+    block_size: int
     mask: torch.Tensor | None  # [B, 1, Q, L] bool, True = attend; None for all-decode batches
     q_batch: torch.Tensor | None  # [T] sequence of each query token (None: uniform Q, no padding)
     q_pos: torch.Tensor | None  # [T] index of each query token inside its padded row
     num_seqs: int
     max_q: int
+
+    def grouped_mask(self, n_rep: int) -> torch.Tensor | None:
+        """The mask for n_rep query heads folded into the query rows (cached per n_rep)."""
+        if self.mask is None or n_rep == 1:
+            return self.mask
+        cache = self.__dict__.setdefault("_grouped", {})
+        if n_rep not in cache:
+            cache[n_rep] = self.mask.repeat(1, 1, n_rep, 1)  # row r * Q + q: query q of head r
+        return cache[n_rep]
 
     @classmethod
     def build(
@@ -36,20 +46,21 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """query_lens[i] new tokens of sequence i end at context_lens[i] (cache included)."""
         B = len(query_lens)
-        max_q, max_l = max(query_lens), max(context_lens)
+        max_q = max(query_lens)
         max_blocks = max(len(t) for t in block_tables)
         tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], device=device)
+        # Keys are gathered whole blocks at a time (a contiguous copy per block, far cheaper
+        # than a per-slot gather), so each row holds max_blocks * block_size keys.
+        max_l = max_blocks * block_size
         key = torch.arange(max_l, device=device)
         lens = torch.tensor(context_lens, device=device)
-        kv_index = tables[:, key // block_size] * block_size + key % block_size  # [B, L]
-        kv_index = kv_index.masked_fill(key[None, :] >= lens[:, None], 0)
         qlens = torch.tensor(query_lens, device=device)
         # position of each query token; padded query rows look at key 0 only (discarded)
         qidx = torch.arange(max_q, device=device)
         qpos = lens[:, None] - qlens[:, None] + qidx[None, :]  # [B, Q]
         qvalid = qidx[None, :] < qlens[:, None]
         qpos = qpos.masked_fill(~qvalid, 0)
-        slot_mapping = kv_index.gather(1, qpos)[qvalid]  # [T]
+        slot_mapping = (tables.gather(1, qpos // block_size) * block_size + qpos % block_size)[qvalid]  # [T]
         uniform = all(q == max_q for q in query_lens)
         mask = None
         if not (uniform and max_q == 1 and all(c == max_l for c in context_lens)):
@@ -58,7 +69,7 @@ class AttentionMetadata:
         q_batch = q_pos = None
         if not uniform:
             q_batch, q_pos = qvalid.nonzero(as_tuple=True)
-        return cls(slot_mapping, kv_index, mask, q_batch, q_pos, B, max_q)
+        return cls(slot_mapping, tables.view(-1), block_size, mask, q_batch, q_pos, B, max_q)
 
 
 def paged_attention(
@@ -73,20 +84,21 @@ def paged_attention(
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     B, Q = meta.num_seqs, meta.max_q
-    keys = k_cache[meta.kv_index].transpose(1, 2)  # [B, n_kv, L, hd]
-    values = v_cache[meta.kv_index].transpose(1, 2)
+    n_heads, n_kv, hd = q.shape[1], k.shape[1], q.shape[2]
+    n_rep = n_heads // n_kv
+    bs = meta.block_size
+    keys = k_cache.view(-1, bs, n_kv, hd).index_select(0, meta.block_index).view(B, -1, n_kv, hd).transpose(1, 2)
+    values = v_cache.view(-1, bs, n_kv, hd).index_select(0, meta.block_index).view(B, -1, n_kv, hd).transpose(1, 2)
     if meta.q_batch is None:
-        queries = q.view(B, Q, *q.shape[1:])
+        queries = q.view(B, Q, n_heads, hd)
     else:
-        queries = q.new_zeros(B, Q, *q.shape[1:])
+        queries = q.new_zeros(B, Q, n_heads, hd)
         queries[meta.q_batch, meta.q_pos] = q
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        keys = keys.repeat_interleave(n_rep, dim=1)
-        values = values.repeat_interleave(n_rep, dim=1)
-    out = F.scaled_dot_product_attention(
-        queries.transpose(1, 2), keys, values, attn_mask=meta.mask, scale=scale
-    ).transpose(1, 2)  # [B, Q, n_heads, hd]
+    # Grouped-query attention without copying K/V per head: the n_rep query heads that share
+    # a KV head become extra query rows, [B, n_kv, n_rep * Q, hd].
+    queries = queries.view(B, Q, n_kv, n_rep, hd).permute(0, 2, 3, 1, 4).reshape(B, n_kv, n_rep * Q, hd)
+    out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.grouped_mask(n_rep), scale=scale)
+    out = out.view(B, n_kv, n_rep, Q, hd).permute(0, 3, 1, 2, 4).reshape(B, Q, n_heads, hd)
     if meta.q_batch is None:
         return out.reshape(q.shape)
     return out[meta.q_batch, meta.q_pos]
