@@ -22,7 +22,8 @@ METHODS = (
     + [("tetris", dict(num_speculative_tokens=k, tetris_extra_proposals=e)) for k, e in [(1, 1), (2, 2), (3, 1), (2, 3)]]
     + [("tetris", dict(num_speculative_tokens=2, tetris_capacity=5)),
        ("tetris", dict(num_speculative_tokens=2, spec_shadow_oracle=True)),
-       ("dsd", dict(dsd_max_k=4))]
+       ("dsd", dict(dsd_max_k=4)),
+       ("tetris", dict(num_speculative_tokens=2, tetris_extra_proposals=2, tetris_capacity="auto"))]
 )
 
 
@@ -43,7 +44,7 @@ def test_greedy_identical_under_preemption(tiny_pair, target_greedy, tmp_path, m
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
     s = engine.stats
     assert 0 <= s.accepted <= s.verified <= s.drafted
-    if method != "dsd":
+    if method != "dsd" and kw.get("tetris_capacity") != "auto":  # those may rightly choose not to draft
         assert s.accepted > 0, "the draft should agree with the target sometimes"
     per_request = sum(o.metrics["spec"]["accepted_tokens"] for o in outputs)
     assert per_request == s.accepted

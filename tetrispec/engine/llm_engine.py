@@ -19,8 +19,10 @@ from tetrispec.model.model_runner import ForwardItem, ModelRunner
 from tetrispec.model.tokenizer import IncrementalDetokenizer
 from tetrispec.sampling_params import SamplingParams
 from tetrispec.spec import rejection_sampler
+from tetrispec.spec.auto_capacity import AutoTetris
+from tetrispec.spec.cost_model import load_or_profile
 from tetrispec.spec.proposer import DraftProposer
-from tetrispec.spec.selectors import BatchInfo, make_selector
+from tetrispec.spec.selectors import DSD, BatchInfo, make_selector
 from tetrispec.spec.stats import SpecStats
 
 DEFAULT_DRAFT_DIR = Path(__file__).resolve().parent.parent / "assets" / "draft"
@@ -71,8 +73,13 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.proposer = DraftProposer(self.draft, self.generator) if self.draft else None
-        if self.selector.name == "dsd" or config.spec.tetris_capacity == "auto":
-            self.selector.attach_cost_model(self._cost_model())
+        if isinstance(self.selector, (DSD, AutoTetris)):
+            profile = self._profile_path()
+            self.selector.attach_cost_model(
+                load_or_profile(profile, self.target, self.draft, config.max_num_seqs, self.selector.max_depth,
+                                self.block_manager.num_blocks * config.block_size))
+            if isinstance(self.selector, AutoTetris):
+                self.selector.persist_to(profile.with_suffix(".calibration.json"))
         self.stats = SpecStats()
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(target.config.eos_token_ids)
         self._ids = itertools.count()
@@ -96,17 +103,14 @@ class LLMEngine:
             raise ValueError(f"draft vocab_size {draft.config.vocab_size} != target's {self.model_config.vocab_size}")
         return draft
 
-    def _cost_model(self):
-        from tetrispec.spec.cost_model import load_or_profile
-
+    def _profile_path(self) -> Path:
+        """Where the step-time profile is cached: per model pair, device, dtype and threads."""
         spec, cfg = self.config.spec, self.config
-        path = spec.profile_path or str(
-            Path.home() / ".cache" / "tetrispec" / "profiles"
-            / f"{Path(str(cfg.model)).name}-{Path(str(spec.speculative_model)).name}-{self.device.type}"
-              f"-{cfg.dtype}-t{torch.get_num_threads()}.json"
-        )
-        return load_or_profile(Path(path), self.target, self.draft, cfg.max_num_seqs,
-                               self.selector.max_depth, self.block_manager.num_blocks * cfg.block_size)
+        if spec.profile_path:
+            return Path(spec.profile_path)
+        name = f"{Path(str(cfg.model)).name}-{Path(str(spec.speculative_model)).name}"
+        return (Path.home() / ".cache" / "tetrispec" / "profiles"
+                / f"{name}-{self.device.type}-{cfg.dtype}-t{torch.get_num_threads()}.json")
 
     # ---- requests -----------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -287,4 +291,6 @@ class LLMEngine:
         out = self.stats.summary()
         out["method"] = self.selector.name if self.draft else "none"
         out["num_preemptions"] = self.scheduler.num_preemptions
+        if isinstance(self.selector, AutoTetris):
+            out["calibration"] = self.selector.calibration()
         return out

@@ -1,0 +1,95 @@
+"""Goodput-chosen capacity and the online acceptance estimator (issue 7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tetrispec.spec.auto_capacity import AcceptanceEstimator, AutoTetris, best_capacity, isotonic
+from tetrispec.spec.cost_model import CostModel
+from tetrispec.spec.selectors import BatchInfo
+
+
+def cost(per_token: float, fixed: float = 0.05, draft: float = 0.001) -> CostModel:
+    return CostModel(target_coef=[fixed, per_token, 0.0], draft_coef=[draft, 0.0, 0.0])
+
+
+def test_capacity_zero_when_verification_is_too_expensive():
+    values = torch.full((8, 4), 0.3)
+    c, rate = best_capacity(values, 8, 0.0, cost(per_token=1.0), 100)
+    assert c == 0 and rate == pytest.approx(8 / (0.05 + 8.0))
+
+
+def test_capacity_everything_when_verification_is_free():
+    values = torch.rand(8, 4) * 0.5 + 0.01
+    c, _ = best_capacity(values, 8, 0.0, cost(per_token=0.0), 100)
+    assert c == 32
+
+
+def test_capacity_matches_brute_force_in_between():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        values = torch.rand(6, 3, generator=g)
+        cm = cost(per_token=float(torch.rand(1, generator=g)) * 0.02, fixed=0.05)
+        c, rate = best_capacity(values, 6, 0.01, cm, 50)
+        v = values.flatten().sort(descending=True).values
+        rates = [(6 + float(v[:k].sum())) / (0.01 + cm.target_time(6 + k, 50)) for k in range(19)]
+        assert rate == pytest.approx(max(rates))
+        assert rates[c] == pytest.approx(max(rates))
+
+
+def test_isotonic_is_monotone_and_weighted():
+    assert isotonic([0.1, 0.5, 0.3, 0.9], [1, 1, 1, 1]) == pytest.approx([0.1, 0.4, 0.4, 0.9])
+    assert isotonic([0.5, 0.2], [3, 1]) == pytest.approx([0.425, 0.425])
+
+
+def test_estimator_converges_to_a_known_acceptance_curve():
+    g = torch.Generator().manual_seed(1)
+    est = AcceptanceEstimator(num_bins=20, warmup=2000)
+    truth = lambda q: 0.1 + 0.8 * q**2  # noqa: E731 - the draft is over-confident at low q
+    for _ in range(60):
+        q = torch.rand(500, generator=g)
+        est.update(q, (torch.rand(500, generator=g) < truth(q)).float())
+    grid = torch.linspace(0.025, 0.975, 20)
+    assert (est.estimate(grid) - truth(grid)).abs().max() < 0.05
+    rel = est.reliability()
+    assert rel["ece"] is not None and rel["ece"] < 0.05
+    assert sum(r["count"] for r in rel["table"]) == 60 * 500 - 2000
+
+
+def test_estimator_starts_from_the_draft_probability_and_persists(tmp_path):
+    est = AcceptanceEstimator()
+    q = torch.tensor([0.125, 0.525, 0.925])
+    assert est.estimate(q).tolist() == pytest.approx(q.tolist(), abs=0.03)
+    est.update(torch.full((100,), 0.9), torch.zeros(100))
+    assert float(est.estimate(torch.tensor([0.9]))) < 0.4  # pooled with the bins around it: stays monotone
+    assert (est.table.diff() >= 0).all()
+    other = AcceptanceEstimator()
+    other.load_state(est.state())
+    assert torch.equal(other.table, est.table)
+
+
+def test_auto_tetris_selects_prefixes_within_capacity():
+    sel = AutoTetris(max_depth=4, cost=cost(per_token=0.002, fixed=0.02))
+    logprobs = torch.log(torch.tensor([[0.95, 0.9, 0.9, 0.8], [0.2, 0.9, 0.9, 0.9], [0.6, 0.6, 0.1, 0.1]]))
+    lengths = sel.select(logprobs, BatchInfo(3, 100))
+    assert lengths[0] >= lengths[2] >= lengths[1]
+    assert int(lengths.sum()) == sel.last_capacity
+    # expensive verification: nothing is worth verifying, and drafting is skipped
+    pricey = AutoTetris(max_depth=4, cost=cost(per_token=10.0))
+    assert int(pricey.select(logprobs, BatchInfo(3, 100)).sum()) == 0
+    assert pricey.depth(BatchInfo(3, 100)) == 0
+    # free verification: draft to full depth and keep going while drafts are confident
+    free = AutoTetris(max_depth=4, cost=cost(per_token=0.0, draft=1e-6))
+    assert free.depth(BatchInfo(3, 100)) == 4
+    assert free.keep_going(BatchInfo(3, 100))(logprobs[:, :2]) is True
+
+
+def test_auto_tetris_learns_from_outcomes():
+    sel = AutoTetris(max_depth=2, cost=cost(per_token=0.01))
+    logprobs = torch.log(torch.full((4, 2), 0.9))
+    assert int(sel.select(logprobs, BatchInfo(4, 10)).sum()) == 8  # before: the draft's own belief pays
+    for _ in range(50):  # drafts at q = 0.9 are always rejected
+        sel.observe(logprobs, [2, 2, 2, 2], [0, 0, 0, 0])
+    assert float(sel.estimator.estimate(torch.tensor([0.9]))) < 0.3
+    assert int(sel.select(logprobs, BatchInfo(4, 10)).sum()) == 0

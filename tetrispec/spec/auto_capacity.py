@@ -1,0 +1,212 @@
+"""Tetris with a goodput-chosen capacity: verify only the drafts that pay for themselves.
+
+Two pieces:
+- AcceptanceEstimator maps a draft token's probability q(x) to the probability that the
+  target accepts it given that its prefix was accepted. It starts as the identity (the
+  draft's own belief) and is calibrated online from verification outcomes by isotonic
+  regression over probability bins, so a ranking by its estimates stays a ranking by q.
+- AutoTetris ranks every drafted token by the running product of estimates along its draft
+  (the estimated probability that it is accepted), then picks the capacity C that maximizes
+  expected emitted tokens per second, (B + sum of the C best estimates) / predicted step time,
+  with the profiled cost model. C = 0 is a plain decode step. Drafting stops at the depth
+  where one more level could no longer raise that rate, and is skipped entirely when even
+  a typical first level would not pay.
+Only draft-side information (and past outcomes) drives the choice: verification stays lossless.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tetrispec.spec.cost_model import CostModel
+from tetrispec.spec.selectors import BatchInfo, Selector
+
+
+def isotonic(values: list[float], weights: list[float]) -> list[float]:
+    """Pool-adjacent-violators: the non-decreasing fit closest to values (weighted L2)."""
+    blocks: list[list[float]] = []  # [value, weight, count]
+    for v, w in zip(values, weights):
+        blocks.append([v, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    out: list[float] = []
+    for v, _, n in blocks:
+        out.extend([v] * n)
+    return out
+
+
+class AcceptanceEstimator:
+    def __init__(self, num_bins: int = 20, prior_weight: float = 8.0, warmup: int = 500) -> None:
+        self.num_bins = num_bins
+        self.prior_weight = prior_weight
+        self.warmup = warmup
+        self.centers = [(b + 0.5) / num_bins for b in range(num_bins)]
+        self.trials = [0.0] * num_bins
+        self.accepts = [0.0] * num_bins
+        # reliability of the estimates as they were used (after warm-up): per predicted bin
+        self.seen = 0
+        self.rel_n = [0] * num_bins
+        self.rel_pred = [0.0] * num_bins
+        self.rel_hits = [0.0] * num_bins
+        self._refit()
+
+    def _bin(self, q: torch.Tensor) -> torch.Tensor:
+        return (q * self.num_bins).long().clamp_(0, self.num_bins - 1)
+
+    def _refit(self) -> None:
+        w = [t + self.prior_weight for t in self.trials]
+        raw = [(a + self.prior_weight * c) / wi for a, c, wi in zip(self.accepts, self.centers, w)]
+        self.table = torch.tensor(isotonic(raw, w))
+
+    def estimate(self, q: torch.Tensor) -> torch.Tensor:
+        """q: draft probabilities of proposed tokens (any shape) -> acceptance estimates."""
+        return self.table[self._bin(q.float().cpu())]
+
+    @property
+    def max_estimate(self) -> float:
+        return float(self.table.max())
+
+    def update(self, q: torch.Tensor, outcomes: torch.Tensor) -> None:
+        """q [N] draft probabilities of verified tokens whose prefix was accepted; outcomes [N] 0/1."""
+        if q.numel() == 0:
+            return
+        bins = self._bin(q.float().cpu())
+        outcomes = outcomes.float().cpu()
+        if self.seen >= self.warmup:
+            pred = self.table[bins]
+            pbins = self._bin(pred)
+            for b, p, o in zip(pbins.tolist(), pred.tolist(), outcomes.tolist()):
+                self.rel_n[b] += 1
+                self.rel_pred[b] += p
+                self.rel_hits[b] += o
+        self.seen += q.numel()
+        for b, o in zip(bins.tolist(), outcomes.tolist()):
+            self.trials[b] += 1
+            self.accepts[b] += o
+        self._refit()
+
+    def reliability(self) -> dict:
+        """Reliability table and expected calibration error of the estimates used after warm-up."""
+        rows, total, ece = [], sum(self.rel_n), 0.0
+        for b in range(self.num_bins):
+            n = self.rel_n[b]
+            if n:
+                pred, obs = self.rel_pred[b] / n, self.rel_hits[b] / n
+                ece += n / total * abs(pred - obs)
+                rows.append({"bin": [b / self.num_bins, (b + 1) / self.num_bins], "count": n,
+                             "mean_estimate": round(pred, 4), "acceptance_rate": round(obs, 4)})
+        return {"observations": self.seen, "ece": round(ece, 4) if total else None, "table": rows}
+
+    def state(self) -> dict:
+        return {"num_bins": self.num_bins, "trials": self.trials, "accepts": self.accepts}
+
+    def load_state(self, state: dict) -> None:
+        if state.get("num_bins") == self.num_bins:
+            self.trials, self.accepts = list(state["trials"]), list(state["accepts"])
+            self.seen = self.warmup  # a persisted fit is past its warm-up
+            self._refit()
+
+
+def best_capacity(values: torch.Tensor, batch_size: int, fixed_time: float, cost: CostModel,
+                  mean_len: float) -> tuple[int, float]:
+    """values: estimated acceptance of every candidate token (sorted or not).
+
+    Returns (C, rate): the C best tokens maximize (B + their sum) / (fixed_time + verify(B + C)).
+    """
+    v = values.flatten().sort(descending=True).values.double()
+    gains = torch.cat([torch.zeros(1, dtype=torch.float64), v.cumsum(0)])  # [N + 1]
+    c = torch.arange(gains.numel(), dtype=torch.float64)
+    tc = cost.target_coef
+    times = fixed_time + (tc[0] + tc[1] * (batch_size + c) + tc[2] * (batch_size + c) * mean_len).clamp_min(1e-6)
+    rates = (batch_size + gains) / times
+    best = int(rates.argmax())
+    return best, float(rates[best])
+
+
+class AutoTetris(Selector):
+    name = "tetris-auto"
+
+    def __init__(self, max_depth: int, estimator: AcceptanceEstimator | None = None,
+                 cost: CostModel | None = None, probe_every: int = 32) -> None:
+        self.max_depth = max_depth
+        self.estimator = estimator or AcceptanceEstimator()
+        self.cost = cost
+        self.state_path: Path | None = None
+        self.probe_every = probe_every
+        self.level_means = [0.5] * max_depth  # EMA of the mean cumulative estimate per depth
+        self.steps_without_draft = 0
+        self.last_capacity = 0
+
+    def persist_to(self, path: Path) -> None:
+        """Keep the calibration beside the cost profile: load it now, save it as it learns."""
+        self.state_path = path
+        if path.exists():
+            self.estimator.load_state(json.loads(path.read_text()))
+
+    # --- how deep to draft -------------------------------------------------------------
+    def depth(self, batch: BatchInfo) -> int:
+        """0 when even typical drafts would not pay for verification; else the full depth,
+        which keep_going trims as real draft probabilities come in."""
+        B, s = batch.batch_size, batch.mean_len
+        plain = B / self.cost.target_time(B, s)
+        best = plain
+        cumulative = 0.0
+        for d in range(1, self.max_depth + 1):
+            cumulative += self.level_means[d - 1]
+            time = d * self.cost.draft_time(B, s) + self.cost.target_time(B * (d + 1), s)
+            best = max(best, (B + B * cumulative) / time)
+        if best > plain or self.steps_without_draft >= self.probe_every:
+            self.steps_without_draft = 0
+            return self.max_depth
+        self.steps_without_draft += 1
+        return 0
+
+    def keep_going(self, batch: BatchInfo):
+        def decide(logprobs: torch.Tensor) -> bool:  # [B, j] drafted so far
+            B, j = logprobs.shape
+            cum = self.estimator.estimate(logprobs.exp()).cumprod(1)
+            draft_t = self.cost.draft_time(B, batch.mean_len)
+            _, rate_now = best_capacity(cum, B, j * draft_t, self.cost, batch.mean_len)
+            optimistic_next = cum[:, -1] * self.estimator.max_estimate
+            _, rate_next = best_capacity(torch.cat([cum.flatten(), optimistic_next]), B, (j + 1) * draft_t,
+                                         self.cost, batch.mean_len)
+            return rate_next > rate_now
+
+        return decide
+
+    # --- which drafts to verify ----------------------------------------------------------
+    def select(self, draft_logprobs: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
+        B, K = draft_logprobs.shape
+        cum = self.estimator.estimate(draft_logprobs.exp()).cumprod(1)  # [B, K] P(token accepted)
+        for j in range(K):
+            self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * float(cum[:, j].mean())
+        draft_t = K * self.cost.draft_time(B, batch.mean_len)
+        capacity, _ = best_capacity(cum, B, draft_t, self.cost, batch.mean_len)
+        self.last_capacity = capacity
+        # the same position-major stable order as tetris_select: prefixes, ties to shallow
+        order = torch.sort(cum.t().reshape(-1), descending=True, stable=True).indices[:capacity]
+        return torch.bincount(order % B, minlength=B)
+
+    def observe(self, proposal_logprobs: torch.Tensor, lengths: list[int], accepted: list[int]) -> None:
+        qs, outcomes = [], []
+        probs = proposal_logprobs.exp().cpu()
+        for i, (l, a) in enumerate(zip(lengths, accepted)):
+            seen = min(l, a + 1)  # tokens whose prefix was accepted
+            qs.append(probs[i, :seen])
+            outcomes.append((torch.arange(seen) < a).float())
+        if qs:
+            before = self.estimator.seen
+            self.estimator.update(torch.cat(qs), torch.cat(outcomes))
+            if self.state_path and self.estimator.seen // 1000 != before // 1000:
+                self.state_path.parent.mkdir(parents=True, exist_ok=True)
+                self.state_path.write_text(json.dumps(self.estimator.state()))
+
+    def calibration(self) -> dict:
+        out = self.estimator.reliability()
+        out["last_capacity"] = self.last_capacity
+        return out
