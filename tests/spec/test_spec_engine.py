@@ -19,7 +19,8 @@ PRESSURE = dict(max_num_seqs=8, num_kv_blocks=72, block_size=4, max_model_len=25
 
 METHODS = (
     [("fixed", dict(num_speculative_tokens=k)) for k in range(1, 7)]
-    + [("tetris", dict(num_speculative_tokens=k, tetris_extra_proposals=e)) for k, e in [(1, 1), (2, 2), (3, 1), (2, 3)]]
+    + [("tetris", dict(num_speculative_tokens=k, tetris_extra_proposals=e))
+       for k, e in [(1, 1), (2, 2), (3, 1), (2, 3)]]
     + [("tetris", dict(num_speculative_tokens=2, tetris_capacity=5)),
        ("tetris", dict(num_speculative_tokens=2, spec_shadow_oracle=True)),
        ("dsd", dict(dsd_max_k=4)),
