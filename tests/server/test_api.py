@@ -1,0 +1,383 @@
+"""The OpenAI-compatible server, driven by the real `openai` client over loopback.
+
+One in-process server (default model, no speculation) serves most tests; a `tetrispec serve`
+subprocess over the tiny target/draft pair covers speculation, the CLI flags, the bounded
+queue and a clean SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from tetrispec import LLM, SamplingParams
+from tetrispec.engine.async_engine import AsyncEngine
+from tetrispec.server.api import build_app
+
+NAME = "smollm2-test"
+MAX_TOKENS = 8
+SUBJECTS = ["France", "Japan", "the ocean", "a cat", "Python", "music", "the moon", "winter"]
+STEMS = ["Tell me about {}.", "Write one sentence about {}:", "Q: What do you know about {}?\nA:",
+         "Here is a fact about {}:"]
+PROMPTS = [stem.format(s) for stem in STEMS for s in SUBJECTS]  # 32 distinct prompts
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+REQUIRED_METRICS = [
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:prompt_tokens",
+    "vllm:generation_tokens", "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+    "vllm:e2e_request_latency_seconds", "vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens", "vllm:spec_decode_num_accepted_tokens_per_pos",
+    "tetrispec:spec_verified_tokens", "tetrispec:spec_drafted_tokens", "tetrispec:spec_accepted_tokens",
+    "tetrispec:spec_request_steps", "tetrispec:spec_verification_success_rate", "tetrispec:spec_selector_info",
+]
+
+
+class LiveServer:
+    """uvicorn on a thread, listening on a socket bound before it starts (no port race)."""
+
+    def __init__(self, app) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM(spec_method="none", kv_cache_memory_gb=0.25)
+
+
+@pytest.fixture(scope="module")
+def refs(llm) -> dict:
+    """Offline greedy outputs, computed before the engine is handed to the server thread."""
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    return {"completions": [o.text for o in llm.generate(PROMPTS, greedy, use_tqdm=False)],
+            "chat": llm.chat(CHAT, greedy, use_tqdm=False)[0].text}
+
+
+@pytest.fixture(scope="module")
+def server(llm, refs):
+    aengine = AsyncEngine(llm.engine).start()
+    live = LiveServer(build_app(aengine, NAME))
+    live.aengine, live.engine = aengine, llm.engine
+    yield live
+    live.stop()
+    aengine.shutdown(drain=False, timeout=30)
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def metrics(url: str) -> dict[str, float]:
+    """Every sample of /metrics, keyed like `name{label="v",...}` (labels sorted, model_name dropped)."""
+    out = {}
+    text = httpx.get(f"{url}/metrics").text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()) if k != "model_name")
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def wait_until(cond, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def blocks_free(server) -> bool:
+    snap = server.aengine.snapshot
+    return snap.num_running == 0 and snap.num_free_blocks == snap.num_blocks
+
+
+# ---- plain routes ---------------------------------------------------------------------------
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    missing = httpx.get(f"{server.url}/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["message"]
+
+
+# ---- generation -----------------------------------------------------------------------------
+def test_completion(client, refs):
+    resp = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+    assert resp.choices[0].text == refs["completions"][0]
+    assert resp.choices[0].finish_reason in ("length", "stop")
+    assert resp.usage.prompt_tokens > 0 and 0 < resp.usage.completion_tokens <= MAX_TOKENS
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert resp.model_extra["spec_stats"]["verified_tokens"] == 0  # extension field; no draft here
+
+
+def test_chat(client, refs):
+    resp = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0)
+    assert resp.choices[0].message.role == "assistant"
+    assert resp.choices[0].message.content == refs["chat"]
+    assert resp.usage.completion_tokens <= MAX_TOKENS and "spec_stats" in resp.model_extra
+
+
+def test_streaming_completion_and_chat(client, refs):
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=MAX_TOKENS, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == refs["completions"][1]
+    assert len([c for c in chunks if c.choices]) > 1, "text must arrive in several chunks"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].model_extra["spec_stats"]["request_steps"] >= 0
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= MAX_TOKENS
+
+    chunks = list(client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == refs["chat"]
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+    assert all(c.usage is None for c in chunks)  # no include_usage: no usage chunk
+
+
+def test_sse_ends_with_done(server):
+    body = {"model": NAME, "prompt": PROMPTS[2], "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in resp.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] is not None
+
+
+def test_32_concurrent_requests_match_offline(server, refs):
+    running = []
+    server.aengine.add_listener(lambda d: running.append(len(server.engine.scheduler.running)))
+    aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+
+    async def one(i: int) -> str:
+        args = dict(model=NAME, prompt=PROMPTS[i], max_tokens=MAX_TOKENS, temperature=0)
+        if i % 2:
+            return "".join([c.choices[0].text async for c in await aclient.completions.create(**args, stream=True)])
+        return (await aclient.completions.create(**args)).choices[0].text
+
+    async def main():
+        async with aclient:
+            return await asyncio.gather(*(one(i) for i in range(len(PROMPTS))))
+
+    texts = asyncio.run(main())
+    assert texts == refs["completions"]
+    assert max(running) > 8, "concurrent requests must share engine steps"
+
+
+# ---- bad input ------------------------------------------------------------------------------
+BAD = [
+    ("completions", '{"prompt": "x", "max_tokens": ', None),  # malformed JSON
+    ("completions", {"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+    ("completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+    ("completions", {"prompt": 5}, "prompt"),
+    ("completions", {"prompt": "x", "stream": "yes"}, "stream"),
+    ("completions", {"max_tokens": 4}, "prompt"),
+    ("completions", ["not", "an", "object"], None),
+    ("completions", {"prompt": "x", "model": "gpt-4"}, "model"),
+    ("completions", {"prompt": "x", "temperature": -1}, "temperature"),
+    ("completions", {"prompt": "x", "top_p": 0}, "top_p"),
+    ("completions", {"prompt": "x", "top_k": -5}, "top_k"),
+    ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("completions", {"prompt": "x", "n": 2}, "n"),
+    ("completions", {"prompt": ""}, "prompt"),
+    ("completions", {"prompt": []}, "prompt"),
+    ("completions", {"prompt": "hello " * 2100}, "prompt"),
+    ("completions", {"prompt": [1, 2, 10**9]}, "prompt"),
+    ("completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("chat/completions", {"messages": "hi"}, "messages"),
+    ("chat/completions", {"messages": [{"content": "no role"}]}, "messages"),
+    ("completions", {"prompt": "x", "logprobs": 3}, "logprobs"),
+    ("completions", {"prompt": "x", "echo": True}, "echo"),
+    ("chat/completions", {"messages": []}, "messages"),
+    ("chat/completions", {"messages": CHAT, "max_completion_tokens": -3}, "max_completion_tokens"),
+    ("chat/completions", {"messages": CHAT, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi " * 2100}]}, "messages"),
+]
+
+
+def test_bad_input_is_400_and_others_go_on(server, client, refs):
+    good = {}
+
+    def run_good():  # a streaming request that runs through all the bad ones
+        stream = client.completions.create(model=NAME, prompt=PROMPTS[3], max_tokens=MAX_TOKENS, temperature=0,
+                                           stream=True)
+        good["text"] = "".join(c.choices[0].text for c in stream if c.choices)
+
+    thread = threading.Thread(target=run_good)
+    thread.start()
+    for route, body, param in BAD:
+        kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, str) \
+            else {"json": body}
+        resp = httpx.post(f"{server.url}/v1/{route}", timeout=60, **kwargs)
+        assert resp.status_code == 400, (body, resp.text)
+        error = resp.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        assert error["message"] and error["param"] == param, (body, error)
+    thread.join(60)
+    assert good["text"] == refs["completions"][3]
+    with pytest.raises(openai.BadRequestError) as e:  # what an OpenAI client sees
+        client.completions.create(model="no-such-model", prompt="x")
+    assert e.value.status_code == 400 and e.value.body["code"] == "model_not_found"
+    wait_until(lambda: blocks_free(server))
+
+
+# ---- disconnects ----------------------------------------------------------------------------
+def test_disconnect_mid_stream_frees_blocks(server):
+    before = metrics(server.url).get('vllm:request_success_total{finished_reason="abort"}', 0.0)
+    body = {"model": NAME, "prompt": PROMPTS[4], "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        wait_until(lambda: server.aengine.snapshot.num_free_blocks < server.aengine.snapshot.num_blocks)
+    # the response is closed here, long before 1500 tokens
+    wait_until(lambda: blocks_free(server))
+    assert server.engine.block_manager.num_free == server.engine.block_manager.num_blocks
+    assert metrics(server.url)['vllm:request_success_total{finished_reason="abort"}'] == before + 1
+
+
+def test_disconnect_while_waiting_for_a_full_response(server):
+    body = {"model": NAME, "prompt": PROMPTS[5], "max_tokens": 1500, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    wait_until(lambda: blocks_free(server))
+    assert server.engine.block_manager.num_free == server.engine.block_manager.num_blocks
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+def test_metrics_parse_and_move(server, client):
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)}
+    assert not [name for name in REQUIRED_METRICS if name not in families]
+    assert families["vllm:time_to_first_token_seconds"].type == "histogram"
+    assert families["vllm:prompt_tokens"].type == "counter"
+    before = metrics(server.url)
+    resp = client.completions.create(model=NAME, prompt=PROMPTS[6], max_tokens=5, temperature=0, stream=True,
+                                     stream_options={"include_usage": True})
+    usage = [c for c in resp][-1].usage
+    after = metrics(server.url)
+
+    def moved(key: str) -> float:
+        return after[key] - before.get(key, 0.0)
+
+    assert moved("vllm:prompt_tokens_total") == usage.prompt_tokens
+    assert moved("vllm:generation_tokens_total") == usage.completion_tokens
+    assert moved("vllm:e2e_request_latency_seconds_count") == 1
+    assert moved("vllm:time_to_first_token_seconds_count") == 1
+    assert moved("vllm:inter_token_latency_seconds_count") == usage.completion_tokens - 1
+    assert moved("tetrispec:decode_request_steps_total") == usage.completion_tokens - 1
+    assert after['tetrispec:spec_selector_info{selector="none"}'] == 1
+    assert after["vllm:num_requests_running"] == 0 and after["vllm:kv_cache_usage_perc"] == 0
+
+
+# ---- api key ------------------------------------------------------------------------------------
+def test_api_key(server):
+    live = LiveServer(build_app(server.aengine, NAME, api_key="sekret"))
+    try:
+        wrong = openai.OpenAI(base_url=f"{live.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as e:
+            wrong.models.list()
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        bare = httpx.post(f"{live.url}/v1/completions", json={"prompt": "x"})
+        assert bare.status_code == 401 and set(bare.json()["error"]) == {"message", "type", "param", "code"}
+        right = openai.OpenAI(base_url=f"{live.url}/v1", api_key="sekret", max_retries=0)
+        assert right.completions.create(model=NAME, prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
+        assert httpx.get(f"{live.url}/health").status_code == 200  # probes need no key
+    finally:
+        live.stop()
+
+
+# ---- `tetrispec serve`: speculation, bounded queue, SIGTERM ----------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_subprocess_speculates_bounds_queue_and_drains_on_sigterm(tiny_pair):
+    target, draft = tiny_pair
+    port = free_port()
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer k"}
+    cmd = [sys.executable, "-c", "import sys; from tetrispec.cli import main; sys.exit(main())", "serve",
+           "--model", target, "--speculative-model", draft,
+           "--port", str(port), "--max-num-seqs", "1", "--max-waiting-requests", "1", "--api-key", "k",
+           "--num-kv-blocks", "256", "--max-model-len", "512", "--served-model-name", "tiny",
+           "--uvicorn-log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "server did not come up"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+
+        first_chunk, results = threading.Event(), {}
+
+        def long_stream():  # A: runs while everything below happens
+            body = {"model": "tiny", "prompt": "The capital of France is", "max_tokens": 400, "temperature": 0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=auth, timeout=120) as resp:
+                lines = []
+                for line in resp.iter_lines():
+                    if line:
+                        lines.append(line)
+                        first_chunk.set()
+            results["a"] = lines
+
+        def queued():  # B: waits behind A (max_num_seqs=1)
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, timeout=120)
+            results["b"] = client.completions.create(model="tiny", prompt="Paris", max_tokens=4, temperature=0)
+
+        a = threading.Thread(target=long_stream)
+        a.start()
+        assert first_chunk.wait(60)
+        b = threading.Thread(target=queued)
+        b.start()
+        wait_until(lambda: metrics(url).get("vllm:num_requests_waiting") == 1)
+        full = httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, headers=auth)
+        assert full.status_code == 503 and full.json()["error"]["code"] == "queue_full"
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "x"}).status_code == 401
+        wait_until(lambda: metrics(url).get("tetrispec:spec_verified_tokens_total", 0) > 0)
+        m = metrics(url)
+        assert m['tetrispec:spec_selector_info{selector="tetris"}'] == 1
+        assert m["vllm:spec_decode_num_drafts_total"] > 0 and m["vllm:num_requests_running"] == 1
+        assert "a" not in results, "A finished before SIGTERM: make it longer"
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, proc.stdout.read()
+        a.join(30)
+        b.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = results["a"]
+    assert lines[-1] == "data: [DONE]"
+    final = json.loads(lines[-2][6:])
+    assert final["usage"]["completion_tokens"] == 400 and final["spec_stats"]["verified_tokens"] > 0
+    assert results["b"].choices[0].finish_reason == "length"

@@ -1,0 +1,321 @@
+"""The OpenAI-compatible HTTP app: /v1/completions, /v1/chat/completions, /v1/models,
+/health and /metrics over one AsyncEngine.
+
+Every error is OpenAI's body, {"error": {"message", "type", "param", "code"}}, so OpenAI
+clients raise their usual exceptions: bad input (FastAPI's validation errors included) is a
+400 that touches no other request, a wrong key a 401, a full waiting queue a 503. Handlers
+only queue work; the engine thread does it, and a client that goes away aborts its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tetrispec.engine.async_engine import AsyncEngine, EngineClosedError, RequestDelta, RequestStream
+from tetrispec.server.metrics import ServerMetrics
+from tetrispec.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    UsageInfo,
+)
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
+               405: "invalid_request_error", 503: "server_overloaded"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(message=message, type=ERROR_TYPES.get(status, "server_error"),
+                                         param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first pydantic error as 'field: what is wrong' and the top-level field name."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    err = errors[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {err.get('msg')}", None
+    where = ".".join(loc)
+    return (f"{where}: {err.get('msg')}" if where else str(err.get("msg"))), (loc[0] if loc else None)
+
+
+class BearerAuth:
+    """ASGI middleware: /v1 routes need `Authorization: Bearer <key>`; /health and /metrics do not,
+    so probes and scrapers need no secret."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                          code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _param_of(error: ValueError, fields: tuple[str, ...]) -> str | None:
+    """SamplingParams' messages start with the field name ('top_p must be in (0, 1]')."""
+    first = str(error).split(" ", 1)[0]
+    return first if first in fields else None
+
+
+def _sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
+              max_waiting_requests: int | None = None) -> FastAPI:
+    """An app over a started AsyncEngine. The caller owns the engine's lifecycle (start, then
+    shutdown after the server stopped), so several apps may share one engine."""
+    engine = async_engine.engine
+    tokenizer = engine.tokenizer
+    metrics = ServerMetrics(async_engine, served_model_name)
+    app = FastAPI(title="tetrispec", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.async_engine = async_engine
+    app.state.metrics = metrics
+
+    # ---- errors and auth ------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(400, message, param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    if api_key is not None:
+        app.add_middleware(BearerAuth, api_key=api_key)
+
+    # ---- plain routes ---------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if async_engine.is_running else 503)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = ModelCard(id=served_model_name, root=str(engine.config.model or served_model_name),
+                         max_model_len=engine.max_model_len)
+        return ModelList(data=[card]).model_dump()
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # ---- generation -------------------------------------------------------------------------
+    def sampling_params(body: SamplingRequest, max_tokens: int | None, max_tokens_param: str):
+        if body.model is not None and body.model != served_model_name:
+            raise APIError(400, f"model {body.model!r} does not exist; this server serves {served_model_name!r}",
+                           "model", "model_not_found")
+        if body.n != 1 and body.n is not None:
+            raise APIError(400, f"n must be 1 (one choice per request), got {body.n}", "n")
+        if (field := body.unsupported()) is not None:
+            raise APIError(400, f"{field} is not supported by this server", field)
+        try:
+            return body.sampling_params(max_tokens)
+        except ValueError as e:
+            param = _param_of(e, tuple(SamplingRequest.model_fields))
+            raise APIError(400, str(e), max_tokens_param if param == "max_tokens" else param) from None
+
+    async def submit(prompt: str | list[int], body: SamplingRequest, max_tokens: int | None, prompt_param: str,
+                     request_id: str, max_tokens_param: str = "max_tokens") -> RequestStream:
+        params = sampling_params(body, max_tokens, max_tokens_param)
+        if max_waiting_requests is not None and async_engine.num_waiting() >= max_waiting_requests:
+            raise APIError(503, f"the server is busy: {max_waiting_requests} requests are already waiting; "
+                           "retry later", code="queue_full")
+        try:
+            return await async_engine.add_request(prompt, params, request_id)
+        except ValueError as e:
+            raise APIError(400, str(e), prompt_param) from None
+        except EngineClosedError as e:
+            raise APIError(503, str(e), code="shutting_down") from None
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise APIError(400, "send one prompt per request (batched prompts are not supported)", "prompt")
+            prompt = prompt[0]
+        if not prompt:
+            raise APIError(400, "prompt is empty", "prompt")
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        stream = await submit(prompt, body, body.max_tokens, "prompt", request_id)
+        created = int(time.time())
+
+        def chunk(text: str, finish_reason: str | None = None, spec: dict | None = None,
+                  usage: UsageInfo | None = None, choices: bool = True) -> str:
+            items = [CompletionChoice(text=text, finish_reason=finish_reason)] if choices else []
+            return CompletionChunk(id=request_id, created=created, model=served_model_name, choices=items,
+                                   usage=usage, spec_stats=spec).model_dump_json(exclude_none=True)
+
+        if body.stream:
+            return _stream(stream, body.include_usage, chunk, first=None)
+        text, last = await _collect(request, stream)
+        return JSONResponse(CompletionResponse(
+            id=request_id, created=created, model=served_model_name,
+            choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
+            usage=_usage(last), spec_stats=last.spec,
+        ).model_dump())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        if not tokenizer.chat_template:
+            raise APIError(400, "this model has no chat template; use /v1/completions", "messages")
+        if not body.messages:
+            raise APIError(400, "messages is empty", "messages")
+        messages = []
+        for m in body.messages:
+            content = m.content or ""
+            if isinstance(content, list):
+                if any(p.type != "text" for p in content):
+                    raise APIError(400, "only text content parts are supported", "messages")
+                content = "".join(p.text or "" for p in content)
+            messages.append({"role": m.role, "content": content})
+        try:
+            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except (jinja2.TemplateError, ValueError, TypeError) as e:
+            raise APIError(400, f"chat template failed: {e}", "messages") from None
+        ids = tokenizer.encode(rendered, add_special_tokens=False)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        newer = body.max_completion_tokens is not None
+        max_tokens = body.max_completion_tokens if newer else body.max_tokens
+        stream = await submit(ids, body, max_tokens, "messages", request_id,
+                              "max_completion_tokens" if newer else "max_tokens")
+        created = int(time.time())
+
+        def chunk(text: str | None, finish_reason: str | None = None, spec: dict | None = None,
+                  usage: UsageInfo | None = None, choices: bool = True, role: str | None = None) -> str:
+            items = [ChatStreamChoice(delta=DeltaMessage(role=role, content=text), finish_reason=finish_reason)]
+            return ChatCompletionChunk(id=request_id, created=created, model=served_model_name,
+                                       choices=items if choices else [], usage=usage,
+                                       spec_stats=spec).model_dump_json(exclude_none=True)
+
+        if body.stream:
+            return _stream(stream, body.include_usage, chunk, first=chunk("", role="assistant"))
+        text, last = await _collect(request, stream)
+        return JSONResponse(ChatCompletionResponse(
+            id=request_id, created=created, model=served_model_name,
+            choices=[ChatChoice(message=ChatResponseMessage(content=text), finish_reason=last.finish_reason)],
+            usage=_usage(last), spec_stats=last.spec,
+        ).model_dump())
+
+    return app
+
+
+def _usage(delta: RequestDelta) -> UsageInfo:
+    return UsageInfo(prompt_tokens=delta.num_prompt_tokens, completion_tokens=delta.num_output_tokens,
+                     total_tokens=delta.num_prompt_tokens + delta.num_output_tokens)
+
+
+def _stream_error(delta: RequestDelta) -> str:
+    error = ErrorInfo(message=delta.error or "request failed", type="server_error", code="engine_error")
+    return json.dumps(ErrorResponse(error=error).model_dump())
+
+
+def _stream(stream: RequestStream, include_usage: bool, chunk: Callable[..., str],
+            first: str | None) -> StreamingResponse:
+    """Server-sent events: a chunk per step with new text, the finish reason and this request's
+    spec_stats on the last one, then usage (when asked for) and `data: [DONE]`. Starlette cancels
+    the generator when the client disconnects; leaving it aborts the request."""
+
+    async def events() -> AsyncIterator[str]:
+        async with stream:
+            if first is not None:
+                yield _sse(first)
+            async for delta in stream:
+                if delta.error is not None:
+                    yield _sse(_stream_error(delta))
+                    break
+                if delta.finished:
+                    yield _sse(chunk(delta.text, delta.finish_reason, delta.spec))
+                    if include_usage:
+                        yield _sse(chunk("", usage=_usage(delta), spec=delta.spec, choices=False))
+                elif delta.text:
+                    yield _sse(chunk(delta.text))
+            yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(request: Request, stream: RequestStream) -> tuple[str, RequestDelta]:
+    """The whole text of a non-streamed request, aborting it if the client leaves first."""
+
+    async def consume() -> tuple[str, RequestDelta]:
+        parts, last = [], None
+        async for delta in stream:
+            parts.append(delta.text)
+            last = delta
+        return "".join(parts), last
+
+    async with stream:
+        work = asyncio.ensure_future(consume())
+        gone = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+        if not work.done() or work.cancelled():
+            raise APIError(499, "client disconnected")
+        text, last = work.result()
+    if last.error is not None:
+        raise APIError(500, last.error, code="engine_error")
+    return text, last
