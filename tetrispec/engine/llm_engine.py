@@ -11,7 +11,7 @@ import torch
 
 from tetrispec.config import DEFAULT, EngineConfig
 from tetrispec.engine.block_manager import BlockManager
-from tetrispec.engine.sampler import logits_to_probs, sample
+from tetrispec.engine.sampler import draw_uniforms, logits_to_probs, sample
 from tetrispec.engine.scheduler import Scheduler
 from tetrispec.engine.sequence import Sequence, SequenceStatus
 from tetrispec.model.loader import load_model
@@ -166,11 +166,7 @@ class LLMEngine:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         probs = logits_to_probs(logits, [s.params for s in seqs])
-        u = torch.ones(len(seqs), device=probs.device)
-        for i, s in enumerate(seqs):
-            if not s.params.greedy:
-                u[i] = 1.0 - torch.rand(1, generator=s.generator or self.generator).item()
-        return sample(probs, u).tolist()
+        return sample(probs, draw_uniforms(seqs, 1, self.generator, probs.device).squeeze(1)).tolist()
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         items = [ForwardItem(s.token_ids, 0, s.block_table) for s in seqs]
@@ -210,14 +206,9 @@ class LLMEngine:
         starts = [0, *itertools.accumulate(n + 1 for n in verify_lens)]
         for i, n in enumerate(verify_lens):
             p[i, : n + 1] = flat_probs[starts[i] : starts[i + 1]]
-        u_accept = torch.ones(B, K, device=p.device)
-        u_final = torch.ones(B, device=p.device)
-        for i, s in enumerate(seqs):
-            if not s.params.greedy:  # K + 1 draws per step whatever l_i is
-                u = 1.0 - torch.rand(K + 1, generator=s.generator or self.generator)
-                u_accept[i], u_final[i] = u[:K].to(p.device), u[K].item()
+        u = draw_uniforms(seqs, K + 1, self.generator, p.device)  # K + 1 draws per step whatever l_i is
         verdict = rejection_sampler.verify(p, proposal.tokens, proposal.probs, lengths.to(p.device),
-                                           u_accept, u_final, oracle=shadow)
+                                           u[:, :K], u[:, K], oracle=shadow)
         self.selector.observe(proposal.logprobs, lengths.tolist(), verdict.num_accepted)
         self.stats.num_steps += 1
         if shadow:

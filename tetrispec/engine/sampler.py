@@ -52,18 +52,18 @@ def _truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> tor
     return logits.masked_fill(cut, float("-inf"))
 
 
-def uniforms(generators: list[torch.Generator | None], counts: list[int], default: torch.Generator,
-             device: torch.device) -> list[torch.Tensor]:
-    """counts[i] uniforms in (0, 1] from request i's own generator (or the engine's).
+def draw_uniforms(seqs: list, n: int, default: torch.Generator, device: torch.device) -> torch.Tensor:
+    """[B, n] uniforms in (0, 1]; greedy requests get 1 and draw nothing.
 
-    Drawing from each request's generator, in an order fixed by the request alone, is what
-    makes a seeded request reproduce whatever else is in the batch.
+    Each request draws from its own generator (or the engine's when unseeded), n at a time in
+    an order fixed by the request alone: that makes a seeded request reproduce whatever else
+    is in the batch.
     """
-    out = []
-    for gen, n in zip(generators, counts):
-        u = 1.0 - torch.rand(n, generator=gen or default)
-        out.append(u.to(device))
-    return out
+    u = torch.ones(len(seqs), n)
+    for i, seq in enumerate(seqs):
+        if not seq.params.greedy:
+            u[i] = 1.0 - torch.rand(n, generator=seq.generator or default)
+    return u.to(device)
 
 
 def sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tetrispec.engine.sampler import logits_to_probs, sample
+from tetrispec.engine.sampler import draw_uniforms, logits_to_probs, sample
 from tetrispec.engine.sequence import Sequence
 from tetrispec.model.model_runner import ForwardItem, ModelRunner
 
@@ -45,12 +45,7 @@ class DraftProposer:
         for j in range(depth):
             logits = self.runner.forward(items, "last")  # [B, V]
             q = logits_to_probs(logits, params)
-            u = torch.ones(len(seqs), device=q.device)
-            if not greedy:
-                for i, s in enumerate(seqs):
-                    if not s.params.greedy:
-                        u[i] = 1.0 - torch.rand(1, generator=s.generator or self.generator).item()
-            x = sample(q, u)  # [B]
+            x = sample(q, draw_uniforms(seqs, 1, self.generator, q.device).squeeze(1))  # [B]
             tokens.append(x)
             logprobs.append(q.gather(1, x[:, None]).squeeze(1).clamp_min(1e-30).log())
             if not greedy:
