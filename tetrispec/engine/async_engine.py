@@ -63,6 +63,7 @@ class EngineSnapshot:
     num_preemptions: int = 0
     spec: SpecStats = field(default_factory=SpecStats)
     selector: str = "none"
+    calibration: dict | None = None  # acceptance-estimator reliability (--tetris-capacity auto)
 
     @property
     def kv_cache_usage(self) -> float:
@@ -354,4 +355,5 @@ class AsyncEngine:
             num_preemptions=e.scheduler.num_preemptions,
             spec=spec,
             selector=e.selector.name if e.draft is not None else "none",
+            calibration=e.selector.calibration() if hasattr(e.selector, "calibration") else None,
         )

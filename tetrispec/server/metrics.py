@@ -117,3 +117,21 @@ class _EngineCollector:
                                  labels=["model_name", "selector"])
         info.add_metric([name, snap.selector], 1.0)
         yield info
+        if snap.calibration is not None:
+            cal = snap.calibration
+            yield gauge("tetrispec:acceptance_estimator_ece",
+                        "Expected calibration error of the acceptance estimates used after warm-up.",
+                        cal["ece"] if cal["ece"] is not None else float("nan"))
+            yield gauge("tetrispec:acceptance_estimator_observations", "Verification outcomes learned from.",
+                        cal["observations"])
+            yield gauge("tetrispec:spec_capacity", "Drafts verified in the last speculative step (chosen C).",
+                        cal["last_capacity"])
+            rel = GaugeMetricFamily("tetrispec:acceptance_reliability",
+                                    "Reliability table: mean estimate and observed acceptance per estimate bin.",
+                                    labels=["model_name", "bin", "kind"])
+            for row in cal["table"]:
+                low = f"{row['bin'][0]:.2f}"
+                rel.add_metric([name, low, "estimate"], row["mean_estimate"])
+                rel.add_metric([name, low, "observed"], row["acceptance_rate"])
+                rel.add_metric([name, low, "count"], row["count"])
+            yield rel
