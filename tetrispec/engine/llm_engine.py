@@ -74,7 +74,7 @@ class LLMEngine:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.proposer = DraftProposer(self.draft, self.generator) if self.draft else None
         if isinstance(self.selector, (DSD, AutoTetris)):
-            profile = self._profile_path()
+            profile = self.profile_path()
             self.selector.attach_cost_model(
                 load_or_profile(profile, self.target, self.draft, config.max_num_seqs, self.selector.max_depth,
                                 self.block_manager.num_blocks * config.block_size))
@@ -103,7 +103,7 @@ class LLMEngine:
             raise ValueError(f"draft vocab_size {draft.config.vocab_size} != target's {self.model_config.vocab_size}")
         return draft
 
-    def _profile_path(self) -> Path:
+    def profile_path(self) -> Path:
         """Where the step-time profile is cached: per model pair, device, dtype and threads."""
         spec, cfg = self.config.spec, self.config
         if spec.profile_path:

@@ -1,0 +1,47 @@
+"""CLI: generate and profile end to end on the tiny pair; user errors exit 2 with one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tetrispec.cli import main
+
+
+def test_generate_json_with_spec_stats(tiny_pair, capsys):
+    rc = main(["generate", "--model", tiny_pair[0], "--speculative-model", tiny_pair[1], "--prompt", "Paris",
+               "--prompt", "One, two", "--max-tokens", "8", "--ignore-eos", "--json", "--no-chat"])
+    assert rc == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [x["prompt"] for x in lines[:2]] == ["Paris", "One, two"]
+    assert all(len(x["token_ids"]) == 8 and x["finish_reason"] == "length" for x in lines[:2])
+    assert lines[2]["spec_stats"]["method"] == "tetris" and lines[2]["spec_stats"]["drafted_tokens"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "/no/such/model", "--prompt", "x"], "no such file"),
+    (["generate"], "at least one --prompt"),
+    (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
+    (["generate", "--prompts-file", "/no/such/file"], "no such file"),
+])
+def test_user_errors_are_one_line_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err and "Traceback" not in err
+
+
+def test_bad_flag_value_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--prompt", "x", "--max-num-seqs", "0"])
+    assert e.value.code == 2
+
+
+def test_profile_writes_a_cost_model(tiny_pair, tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    argv = ["profile", "--model", tiny_pair[0], "--speculative-model", tiny_pair[1], "--profile-path", str(path),
+            "--max-num-seqs", "2", "--dsd-max-k", "2"]
+    assert main(argv) == 0
+    cost = json.loads(path.read_text())
+    assert len(cost["target_coef"]) == 3 and len(cost["draft_coef"]) == 3
+    assert main(argv) == 0 and "profile exists" in capsys.readouterr().out
