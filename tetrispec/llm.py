@@ -50,7 +50,14 @@ class LLM:
         param_list = params if isinstance(params, list) else [params] * len(prompts)
         for p in param_list:  # validate everything before any work starts
             p.validate()
-        seqs = [self.engine.add_request(p, sp) for p, sp in zip(prompts, param_list)]
+        seqs = []
+        try:
+            for prompt, sp in zip(prompts, param_list):
+                seqs.append(self.engine.add_request(prompt, sp))
+        except ValueError:
+            for seq in seqs:  # nothing runs unless every request is valid
+                self.engine.abort_request(seq.request_id)
+            raise
         show = len(seqs) > 1 if use_tqdm is None else use_tqdm
         bar = tqdm(total=len(seqs), desc="generate", disable=not show)
         try:

@@ -95,7 +95,10 @@ def test_bad_requests_fail_before_work(tiny_pair):
         llm.generate(["Paris " * 100], GREEDY)
     with pytest.raises(ValueError, match="token ids"):
         llm.generate([[1, 2, 10**6]], GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate(["Paris", "One", ""], GREEDY)  # the valid ones before it must not linger
     assert not llm.engine.has_unfinished()
+    assert llm.engine.block_manager.num_free == llm.engine.block_manager.num_blocks
 
 
 def test_bad_engine_config(tiny_pair):
