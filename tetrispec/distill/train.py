@@ -304,8 +304,15 @@ def train_draft(draft: LlamaForCausalLM, train: SplitData, cfg: TrainConfig, sta
         "cpu", enabled=False)
     bar = tqdm(total=total, initial=st.step, desc="train draft", unit="step", smoothing=0.05)
     t0 = time.monotonic() - st.seconds
+    first_step, t_first = st.step, time.monotonic()
     draft.train()
     while st.step < total and not st.done:
+        if cfg.max_seconds > 0 and st.step == first_step + 20:
+            # Fit the cosine schedule into the time limit: project the steps left from the pace so
+            # far (with a margin for evaluations), so the learning rate anneals before the stop.
+            pace = (time.monotonic() - t_first) / 20
+            left = cfg.max_seconds - (time.monotonic() - t0)
+            total = bar.total = max(st.step + 1, min(total, st.step + int(0.85 * left / pace)))
         if st.pos >= len(batches):
             st.epoch, st.pos = st.epoch + 1, 0
             batches = epoch_batches(st.epoch)
