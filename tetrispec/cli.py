@@ -37,4 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m`, this module is __main__ and its CLIError is not the class commands
+    # raise (tetrispec.cli.CLIError): run the imported module's main instead.
+    from tetrispec.cli import main as package_main
+
+    sys.exit(package_main())
