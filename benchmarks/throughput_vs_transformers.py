@@ -28,7 +28,7 @@ def hf_model_from(llm: LLM) -> transformers.LlamaForCausalLM:
     weights = model.hf_state_dict()
     if cfg["tie_word_embeddings"]:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-    ref.load_state_dict(weights, strict=False)
+    ref.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     return ref
 
 
@@ -70,10 +70,11 @@ def main() -> None:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    llm = LLM(spec_method="none", max_num_seqs=max(args.batch_sizes))
-    ref = hf_model_from(llm)
+    llm = LLM(spec_method="none", max_num_seqs=max(args.batch_sizes), dtype=args.dtype)
+    ref = hf_model_from(llm).to(getattr(torch, args.dtype))
     pad = llm.tokenizer.eos_token_ids[0]
     rows = []
     for bs in args.batch_sizes:
@@ -89,7 +90,8 @@ def main() -> None:
               f"{row['transformers_tok_s']:7.1f} tok/s   speedup {row['speedup']:.2f}x", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "rows": rows}, f, indent=1)
+            json.dump({"threads": torch.get_num_threads(), "dtype": args.dtype, "new_tokens": args.new_tokens,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
