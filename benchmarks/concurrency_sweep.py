@@ -63,6 +63,8 @@ def main() -> None:
                 continue
             kw = dict(METHODS[name], max_num_seqs=c, profile_path=f"{args.profile_dir}/default-pair-cpu.json")
             llm = LLM(**kw)
+            llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
+            llm.engine.stats = type(llm.engine.stats)()
             start = time.perf_counter()
             outs = llm.generate(prompts[:n], params[:n], use_tqdm=False)
             elapsed = time.perf_counter() - start

@@ -81,6 +81,8 @@ def main() -> None:
         if cfg["spec_method"] != "none":
             engine_kw["speculative_model"] = args.speculative_model
         llm = LLM(args.model, **engine_kw)
+        llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
+        llm.engine.stats = type(llm.engine.stats)()
         elapsed, tokens, stats = run(llm, prompts, params)
         row = {"config": label(cfg), **cfg, "seconds": round(elapsed, 2), "output_tokens": tokens,
                "tokens_per_s": round(tokens / elapsed, 2), "vsr": stats["verification_success_rate"],
