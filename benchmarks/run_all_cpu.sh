@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 R=benchmarks/results
 mkdir -p $R
 export TOKENIZERS_PARALLELISM=false
+[ -d .venv ] && export PATH="$PWD/.venv/bin:$PATH"
 step() { [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 if step throughput; then
   for dt in float32 bfloat16; do
@@ -22,4 +23,10 @@ if step spec_methods; then
   python benchmarks/spec_methods.py --num-prompts 200 --oracle-prompts 32 --max-output 64 --max-num-seqs 32 \
     --ks 1,2,3,4 --es 1,2,3 --auto --out $R/spec_methods_cpu.json 2>&1 | grep --line-buffered -v torn \
     | tee $R/spec_methods_cpu.log
+fi
+if step sweep; then
+  # the paper-style grid of sweep_default_pair.sh, reduced to fit this 2-core machine (~10 min)
+  OUT=$R/sweep_cpu_small benchmarks/sweep_default_pair.sh --num-requests 32 --num-speculative-tokens 1,2 \
+    --tetris-extra-proposals 1 --max-num-seqs 16 --repeats 1 --tetris-capacity default,auto 2>&1 \
+    | tail -40 > $R/sweep_cpu_small.log
 fi

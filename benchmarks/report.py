@@ -1,0 +1,79 @@
+"""Markdown tables for the README from the JSON files under benchmarks/results/."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+R = Path(__file__).parent / "results"
+
+
+def fmt(x, digits=3):
+    return "–" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+
+
+def throughput() -> None:
+    print("| dtype | batch | tetrispec tok/s | transformers tok/s | speedup |\n|---|---:|---:|---:|---:|")
+    for dt in ("float32", "bfloat16"):
+        p = R / f"throughput_{dt}.json"
+        if p.exists():
+            for r in json.loads(p.read_text())["rows"]:
+                print(f"| {dt} | {r['batch']} | {r['tetrispec_tok_s']:.1f} | {r['transformers_tok_s']:.1f} | "
+                      f"{r['speedup']:.2f}x |")
+
+
+def spec_methods() -> None:
+    p = R / "spec_methods_cpu.json"
+    if not p.exists():
+        return
+    rows = json.loads(p.read_text())["rows"]
+    print("| config | tok/s | VSR | accepted / step | mean accepted len | system eff. | verified | oracle eff. |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['config']} | {r['tokens_per_s']:.1f} | {fmt(r['vsr'])} | {r['accepted_per_step']:.2f} | "
+              f"{fmt(r['mean_accepted_length'])} | {fmt(r['system_efficiency'])} | {r['verified_tokens']} | "
+              f"{fmt(r.get('oracle_efficiency'))} |")
+
+
+def concurrency() -> None:
+    p = R / "concurrency_cpu" / "results.json"
+    if not p.exists():
+        return
+    rows = json.loads(p.read_text())
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cs = sorted({r["concurrency"] for r in rows})
+    print("| method | " + " | ".join(f"c={c}" for c in cs) + " |\n|---|" + "---:|" * len(cs))
+    best = {c: max(r["tokens_per_s"] for r in rows if r["concurrency"] == c) for c in cs}
+    for m in methods:
+        cells = []
+        for c in cs:
+            v = [r["tokens_per_s"] for r in rows if r["method"] == m and r["concurrency"] == c]
+            cells.append("–" if not v else (f"**{v[0]:.1f}**" if v[0] == best[c] else f"{v[0]:.1f}"))
+        print(f"| {m} | " + " | ".join(cells) + " |")
+    auto = [r for r in rows if r["method"] == "tetris-auto"]
+    if auto:
+        print("\nauto capacity: VSR " + ", ".join(f"c={r['concurrency']}: {fmt(r['vsr'], 2)}" for r in auto)
+              + "; verified tokens " + ", ".join(str(r["verified_tokens"]) for r in auto)
+              + "; ECE " + ", ".join(fmt(r.get("calibration_ece"), 3) for r in auto))
+
+
+def sweep() -> None:
+    p = R / "sweep_cpu_small" / "results.json"
+    if not p.exists():
+        return
+    data = json.loads(p.read_text())
+    rows = data["rows"] if isinstance(data, dict) else data
+    print("| config | tok/s | mean TTFT ms | median TPOT ms | p99 e2e ms | VSR | acceptance | system eff. |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        name = r.get("config") or r.get("label") or r.get("method")
+        print(f"| {name} | {fmt(r.get('output_throughput'), 1)} | {fmt(r.get('mean_ttft_ms'), 0)} | "
+              f"{fmt(r.get('median_tpot_ms'), 1)} | {fmt(r.get('p99_e2el_ms'), 0)} | {fmt(r.get('vsr'))} | "
+              f"{fmt(r.get('acceptance_rate'))} | {fmt(r.get('system_efficiency'))} |")
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or ["throughput", "spec_methods", "concurrency", "sweep"]:
+        print(f"\n### {name}\n")
+        globals()[name]()
