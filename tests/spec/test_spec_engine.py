@@ -61,15 +61,18 @@ def test_tetris_respects_capacity(tiny_pair, monkeypatch):
 
     def spy(logprobs, batch):
         lengths = select(logprobs, batch)
-        seen.append((int(lengths.sum()), batch.batch_size, logprobs.shape[1]))
+        seen.append((int(lengths.sum()), batch.batch_size, logprobs.shape[1], lengths.tolist()))
+        assert (logprobs <= 0).all() and (logprobs < 0).any(), "greedy drafts must carry real confidences"
         return lengths
 
     monkeypatch.setattr(llm.engine.selector, "select", spy)
     llm.generate(mixed_prompts(8), GREEDY)
     assert seen
-    for total, B, K in seen:
+    for total, B, K, _ in seen:
         assert total <= 2 * B
         assert K == (4 if B >= 2 else 2)
+    # confident requests get longer windows than others: not every step is plain fixed-k
+    assert any(len(set(lengths)) > 1 for *_, lengths in seen if len(lengths) >= 2)
 
 
 def test_default_method_is_tetris_with_a_draft_and_none_turns_it_off(tiny_pair):

@@ -20,7 +20,7 @@ from tetrispec.model.model_runner import ForwardItem, ModelRunner
 @dataclass
 class Proposal:
     tokens: torch.Tensor  # [B, K] proposed tokens
-    logprobs: torch.Tensor  # [B, K] log q(x) of each proposed token
+    logprobs: torch.Tensor  # [B, K] log-confidence of each proposed token (log softmax for greedy requests)
     probs: torch.Tensor | None  # [B, K, V] draft distributions; None when every request is greedy
 
     @property
@@ -47,7 +47,7 @@ class DraftProposer:
             q = logits_to_probs(logits, params)
             x = sample(q, draw_uniforms(seqs, 1, self.generator, q.device).squeeze(1))  # [B]
             tokens.append(x)
-            logprobs.append(q.gather(1, x[:, None]).squeeze(1).clamp_min(1e-30).log())
+            logprobs.append(self._confidence(logits, q, x, params))
             if not greedy:
                 probs.append(q)
             if keep_going is not None and j + 1 < depth and not keep_going(torch.stack(logprobs, 1)):
@@ -61,3 +61,17 @@ class DraftProposer:
         return Proposal(
             torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(probs, 1) if probs else None
         )
+
+    @staticmethod
+    def _confidence(logits: torch.Tensor, q: torch.Tensor, x: torch.Tensor, params) -> torch.Tensor:
+        """log q(x) of each proposed token: the score selectors rank drafts by.
+
+        A greedy request samples from a one-hot q, whose log q(x) is always 0 and says nothing;
+        its draft's belief that x is right is the plain softmax (temperature 1) of the logits.
+        """
+        chosen = q.gather(1, x[:, None]).squeeze(1).clamp_min(1e-30).log()
+        greedy = torch.tensor([p.greedy for p in params], device=q.device)
+        if greedy.any():
+            belief = torch.log_softmax(logits.float(), -1).gather(1, x[:, None]).squeeze(1)
+            chosen = torch.where(greedy, belief, chosen)
+        return chosen
