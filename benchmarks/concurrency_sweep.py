@@ -2,8 +2,8 @@
 
 Offline, in one process: for each max-num-seqs in the list, every method decodes the same
 ShareGPT prompts (greedy, chat template, output length from the dataset capped at
---max-output), with as many prompts as keep the batch full for a while (4 x concurrency, at
-least --min-prompts). The auto-capacity selector keeps its calibration across concurrencies
+--max-output), with as many prompts as keep the batch full for a while (--prompts-per-seq x
+concurrency, at least --min-prompts). The auto-capacity selector keeps its calibration across concurrencies
 (it is persisted beside the cost profile, as in serving).
 
     python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --out benchmarks/results/concurrency_cpu
@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,2,4,8,16,32")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--min-prompts", type=int, default=8)
+    ap.add_argument("--prompts-per-seq", type=int, default=4, help="prompts = this x concurrency (at least min)")
     ap.add_argument("--max-output", type=int, default=96)
     ap.add_argument("--profile-dir", default="benchmarks/results/profiles")
     ap.add_argument("--out", default="benchmarks/results/concurrency_cpu")
@@ -57,7 +58,7 @@ def main() -> None:
     params = [SamplingParams(temperature=0, max_tokens=min(r.output_len, args.max_output)) for r in reqs]
     del probe
     for c in concurrencies:
-        n = max(args.min_prompts, 4 * c)
+        n = max(args.min_prompts, args.prompts_per_seq * c)
         for name in args.methods.split(","):
             if (name, c) in done:
                 continue

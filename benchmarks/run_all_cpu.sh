@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every CPU number quoted in the README, in one sequential run (2 cores; about an hour).
+# Every CPU number quoted in the README, in one sequential run (2 cores; about an hour and a half;
+# the grids are reduced from the issues' to fit one session on this machine).
 # Run it on an otherwise idle machine: 2-thread torch slows down badly when a core is taken.
 set -u
 cd "$(dirname "$0")/.."
@@ -15,13 +16,13 @@ if step throughput; then
   done
 fi
 if step concurrency; then
-  python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --min-prompts 6 --max-output 64 \
-    --methods none,fixed-k1,fixed-k2,fixed-k3,tetris-k1-e1,tetris-k2-e1,dsd,tetris-auto \
+  python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --min-prompts 16 --prompts-per-seq 2 --max-output 64 \
+    --methods none,fixed-k1,fixed-k2,tetris-k1-e1,tetris-k2-e1,dsd,tetris-auto \
     --out $R/concurrency_cpu 2>&1 | grep --line-buffered -v torn | tee $R/concurrency_cpu.log
 fi
 if step spec_methods; then
-  python benchmarks/spec_methods.py --num-prompts 200 --oracle-prompts 32 --max-output 64 --max-num-seqs 32 \
-    --ks 1,2,3,4 --es 1,2,3 --auto --out $R/spec_methods_cpu.json 2>&1 | grep --line-buffered -v torn \
+  python benchmarks/spec_methods.py --num-prompts 200 --oracle-prompts 16 --max-output 32 --max-num-seqs 32 \
+    --ks 1,2,3 --es 1 --auto --out $R/spec_methods_cpu.json 2>&1 | grep --line-buffered -v torn \
     | tee $R/spec_methods_cpu.log
 fi
 if step sweep; then
