@@ -7,26 +7,22 @@ import argparse
 from tetrispec.config import DEFAULT, SPEC_METHODS
 
 
-def _capacity(value: str) -> int | str:
-    if value == "auto":
-        return value
+def _int_at_least(value: str, low: int, what: str) -> int:
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'auto', got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer or 'auto', got {value!r}")
+        n = low - 1
+    if n < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
     return n
+
+
+def _capacity(value: str) -> int | str:
+    return value if value == "auto" else _int_at_least(value, 0, "a non-negative integer or 'auto'")
 
 
 def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
+    return _int_at_least(value, 1, "a positive integer")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
