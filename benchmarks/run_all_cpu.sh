@@ -21,8 +21,8 @@ if step concurrency; then
     --out $R/concurrency_cpu 2>&1 | grep --line-buffered -v torn | tee $R/concurrency_cpu.log
 fi
 if step spec_methods; then
-  python benchmarks/spec_methods.py --num-prompts 200 --oracle-prompts 16 --max-output 32 --max-num-seqs 32 \
-    --ks 1,2,3 --es 1 --auto --out $R/spec_methods_cpu.json 2>&1 | grep --line-buffered -v torn \
+  python benchmarks/spec_methods.py --num-prompts 64 --oracle-prompts 16 --max-output 32 --max-num-seqs 32 \
+    --ks 1,2,3 --es 1,2 --auto --out $R/spec_methods_cpu.json 2>&1 | grep --line-buffered -v torn \
     | tee $R/spec_methods_cpu.log
 fi
 if step sweep; then
