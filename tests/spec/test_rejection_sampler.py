@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tetrispec.engine.sampler import sample
-from tetrispec.spec.rejection_sampler import verify
+from tetrispec.spec.rejection_sampler import one_hot, verify, verify_greedy
 
 V = 6
 
@@ -89,3 +89,16 @@ def test_greedy_one_hot_rule():
     # l = 0: a plain decode step
     out = verify(p, torch.tensor([[9 % V, 4]]), None, torch.tensor([0]), torch.ones(1, 2), torch.ones(1))
     assert out.num_accepted == [0] and out.next_tokens == [3]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_fast_path_equals_one_hot_rule(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, K = 64, 4
+    target = torch.randint(3, (B, K + 1), generator=g)  # a small alphabet makes long accepted runs common
+    drafts = torch.randint(3, (B, K), generator=g)
+    lengths = torch.randint(K + 1, (B,), generator=g)
+    slow = verify(one_hot(target, V), drafts, None, lengths, torch.ones(B, K), torch.ones(B), oracle=True)
+    fast = verify_greedy(target, drafts, lengths, oracle=True)
+    assert fast == slow
+    assert any(a == n > 0 for a, n in zip(fast.num_accepted, lengths.tolist()))  # bonus tokens exercised

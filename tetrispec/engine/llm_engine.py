@@ -164,25 +164,28 @@ class LLMEngine:
                 self.block_manager.truncate(seq, seq.num_tokens)
         return seqs
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        probs = logits_to_probs(logits, [s.params for s in seqs])
+    def _next_tokens(self, items: list[ForwardItem], seqs: list[Sequence]) -> list[int]:
+        """One target forward and one sampled token per sequence."""
+        if all(s.params.greedy for s in seqs):
+            return self.target.forward_greedy(items, "last")[0].tolist()
+        probs = logits_to_probs(self.target.forward(items, "last"), [s.params for s in seqs])
         return sample(probs, draw_uniforms(seqs, 1, self.generator, probs.device).squeeze(1)).tolist()
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         items = [ForwardItem(s.token_ids, 0, s.block_table) for s in seqs]
-        logits = self.target.forward(items, "last")
+        tokens = self._next_tokens(items, seqs)
         if self.draft is not None:
             self.draft.forward(items, "none")
-        for s, token in zip(seqs, self._sample(logits, seqs)):
+        for s, token in zip(seqs, tokens):
             s.num_cached = s.num_draft_cached = s.num_tokens
             self.num_prompt_tokens += s.num_prompt_tokens if s.num_preemptions == 0 else 0
             self._append(s, [token])
 
     def _decode(self, seqs: list[Sequence]) -> None:
         items = [ForwardItem([s.token_ids[-1]], s.num_tokens - 1, s.block_table) for s in seqs]
-        logits = self.target.forward(items, "last")
+        tokens = self._next_tokens(items, seqs)
         self.stats.num_steps += 1
-        for s, token in zip(seqs, self._sample(logits, seqs)):
+        for s, token in zip(seqs, tokens):
             s.num_cached = s.num_tokens
             emitted = self._append(s, [token])
             for st in (s.spec, self.stats):
@@ -198,17 +201,7 @@ class LLMEngine:
         drafts = proposal.tokens.tolist()
         items = [ForwardItem([s.token_ids[-1]] + drafts[i][: verify_lens[i]], s.num_tokens - 1, s.block_table)
                  for i, s in enumerate(seqs)]
-        logits = self.target.forward(items, "all")  # [sum(l_i + 1), V]
-        row_params = [s.params for s, n in zip(seqs, verify_lens) for _ in range(n + 1)]
-        flat_probs = logits_to_probs(logits, row_params)
-        # ragged rows -> [B, K + 1, V]; rows past l_i stay zero and are never read
-        p = flat_probs.new_zeros(B, K + 1, flat_probs.shape[-1])
-        starts = [0, *itertools.accumulate(n + 1 for n in verify_lens)]
-        for i, n in enumerate(verify_lens):
-            p[i, : n + 1] = flat_probs[starts[i] : starts[i + 1]]
-        u = draw_uniforms(seqs, K + 1, self.generator, p.device)  # K + 1 draws per step whatever l_i is
-        verdict = rejection_sampler.verify(p, proposal.tokens, proposal.probs, lengths.to(p.device),
-                                           u[:, :K], u[:, K], oracle=shadow)
+        verdict = self._verify(items, seqs, proposal, lengths, verify_lens, shadow)
         self.selector.observe(proposal.logprobs, lengths.tolist(), verdict.num_accepted)
         self.stats.num_steps += 1
         if shadow:
@@ -221,6 +214,27 @@ class LLMEngine:
             emitted = self._append(s, drafts[i][:a] + [verdict.next_tokens[i]])
             for st in (s.spec, self.stats):
                 st.record(K, int(lengths[i]), a, emitted)
+
+    def _verify(self, items: list[ForwardItem], seqs: list[Sequence], proposal, lengths: torch.Tensor,
+                verify_lens: list[int], oracle: bool) -> rejection_sampler.Verdict:
+        """One ragged target forward over every request's last token and its verified drafts."""
+        B, K = proposal.tokens.shape
+        starts = [0, *itertools.accumulate(n + 1 for n in verify_lens)]
+        if proposal.probs is None and all(s.params.greedy for s in seqs):
+            flat, _ = self.target.forward_greedy(items, "all")  # [sum(l_i + 1)]
+            target = flat.new_zeros(B, K + 1)  # ragged rows -> [B, K + 1]; entries past l_i are never read
+            for i, n in enumerate(verify_lens):
+                target[i, : n + 1] = flat[starts[i] : starts[i + 1]]
+            return rejection_sampler.verify_greedy(target, proposal.tokens, lengths, oracle)
+        logits = self.target.forward(items, "all")  # [sum(l_i + 1), V]
+        row_params = [s.params for s, n in zip(seqs, verify_lens) for _ in range(n + 1)]
+        flat_probs = logits_to_probs(logits, row_params)
+        p = flat_probs.new_zeros(B, K + 1, flat_probs.shape[-1])
+        for i, n in enumerate(verify_lens):
+            p[i, : n + 1] = flat_probs[starts[i] : starts[i + 1]]
+        u = draw_uniforms(seqs, K + 1, self.generator, p.device)  # K + 1 draws per step whatever l_i is
+        return rejection_sampler.verify(p, proposal.tokens, proposal.probs, lengths.to(p.device),
+                                        u[:, :K], u[:, K], oracle=oracle)
 
     # ---- postprocess --------------------------------------------------------------------
     def _append(self, seq: Sequence, tokens: list[int]) -> int:

@@ -25,6 +25,10 @@ class AttentionMetadata:
     q_pos: torch.Tensor | None  # [T] index of each query token inside its padded row
     num_seqs: int
     max_q: int
+    # Reused buffers the gathered keys and values are written into (flat, at least
+    # B * max_blocks * block_size * n_kv * head_dim each): writing into memory that is already
+    # mapped costs about half of allocating fresh multi-megabyte tensors every layer.
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def grouped_mask(self, n_rep: int) -> torch.Tensor | None:
         """The mask for n_rep query heads folded into the query rows (cached per n_rep)."""
@@ -87,8 +91,8 @@ def paged_attention(
     n_heads, n_kv, hd = q.shape[1], k.shape[1], q.shape[2]
     n_rep = n_heads // n_kv
     bs = meta.block_size
-    keys = k_cache.view(-1, bs, n_kv, hd).index_select(0, meta.block_index).view(B, -1, n_kv, hd).transpose(1, 2)
-    values = v_cache.view(-1, bs, n_kv, hd).index_select(0, meta.block_index).view(B, -1, n_kv, hd).transpose(1, 2)
+    keys, values = (_gather(cache.view(-1, bs, n_kv, hd), meta.block_index, buf).view(B, -1, n_kv, hd).transpose(1, 2)
+                    for cache, buf in zip((k_cache, v_cache), meta.workspace or (None, None)))
     if meta.q_batch is None:
         queries = q.view(B, Q, n_heads, hd)
     else:
@@ -102,3 +106,11 @@ def paged_attention(
     if meta.q_batch is None:
         return out.reshape(q.shape)
     return out[meta.q_batch, meta.q_pos]
+
+
+def _gather(blocks: torch.Tensor, index: torch.Tensor, buf: torch.Tensor | None) -> torch.Tensor:
+    """blocks[index], written into buf when one is given."""
+    if buf is None:
+        return blocks.index_select(0, index)
+    out = buf[: index.numel() * blocks[0].numel()].view(index.numel(), *blocks.shape[1:])
+    return torch.index_select(blocks, 0, index, out=out)

@@ -87,11 +87,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(
-            [self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1
-        )
-        q = apply_rope(q.view(T, self.n_heads, self.hd), cos, sin)
-        k = apply_rope(k.view(T, self.n_kv, self.hd), cos, sin)
+        qk, v = self.qkv_proj(x).split([(self.n_heads + self.n_kv) * self.hd, self.n_kv * self.hd], dim=-1)
+        qk = apply_rope(qk.view(T, self.n_heads + self.n_kv, self.hd), cos, sin)  # q and k heads in one pass
+        q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
         v = v.view(T, self.n_kv, self.hd)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(T, -1))
@@ -182,6 +180,13 @@ class LlamaForCausalLM(nn.Module):
         full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
         full[:, self.head_token_ids] = logits
         return full
+
+    def greedy_head(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Argmax token ids [N] and their log-softmax [N] (a reduced head needs no -inf padding)."""
+        logits = self.lm_head(hidden).float()
+        rows = logits.argmax(-1)  # the same argmax (and tie-break) as the full-logits path
+        logprobs = logits.gather(1, rows[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
+        return self.head_token_ids[rows], logprobs
 
     @torch.no_grad()
     def load_hf_state_dict(self, weights: dict[str, torch.Tensor]) -> None:

@@ -31,6 +31,7 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_hidden_layers)
         ]
+        self.workspace = (torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device))
 
     @staticmethod
     def bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -41,10 +42,24 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, items: list[ForwardItem], logits_for: str = "last") -> torch.Tensor | None:
         """Run the batch; logits_for is "last" ([B, V]), "all" ([T, V]) or "none"."""
+        hidden = self._hidden(items, logits_for)
+        return None if hidden is None else self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def forward_greedy(self, items: list[ForwardItem], logits_for: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
+        """The argmax token and its log-softmax of each "last" or "all" row, without full-vocabulary logits.
+
+        Greedy requests need nothing else, and skipping the [rows, V] probability tensors saves
+        more time per step than the draft model's forward costs.
+        """
+        return self.model.greedy_head(self._hidden(items, logits_for))
+
+    def _hidden(self, items: list[ForwardItem], logits_for: str) -> torch.Tensor | None:
         query_lens = [len(it.tokens) for it in items]
         context_lens = [it.start + q for it, q in zip(items, query_lens)]
         meta = AttentionMetadata.build(query_lens, context_lens, [it.block_table for it in items],
                                        self.block_size, self.device)
+        meta.workspace = self._workspace(meta.block_index.numel())
         flat = [t for it in items for t in it.tokens]
         positions = [p for it, q in zip(items, query_lens) for p in range(it.start, it.start + q)]
         input_ids = torch.tensor(flat, dtype=torch.long, device=self.device)
@@ -55,4 +70,13 @@ class ModelRunner:
         if logits_for == "last":
             last = torch.tensor(query_lens, device=self.device).cumsum(0) - 1
             hidden = hidden[last]
-        return self.model.compute_logits(hidden)
+        return hidden
+
+    def _workspace(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather buffers for num_blocks KV blocks, grown (never shrunk) as contexts grow."""
+        cfg = self.model.config
+        needed = num_blocks * self.block_size * cfg.num_key_value_heads * cfg.head_dim
+        if self.workspace[0].numel() < needed:
+            size = max(needed, 2 * self.workspace[0].numel())
+            self.workspace = tuple(torch.empty(size, dtype=w.dtype, device=w.device) for w in self.workspace)
+        return self.workspace

@@ -43,13 +43,16 @@ class DraftProposer:
         tokens, logprobs, probs = [], [], []
         items = [ForwardItem(s.token_ids[s.num_draft_cached:], s.num_draft_cached, s.block_table) for s in seqs]
         for j in range(depth):
-            logits = self.runner.forward(items, "last")  # [B, V]
-            q = logits_to_probs(logits, params)
-            x = sample(q, draw_uniforms(seqs, 1, self.generator, q.device).squeeze(1))  # [B]
-            tokens.append(x)
-            logprobs.append(self._confidence(logits, q, x, params))
-            if not greedy:
+            if greedy:
+                x, logprob = self.runner.forward_greedy(items, "last")  # [B], [B]
+            else:
+                logits = self.runner.forward(items, "last")  # [B, V]
+                q = logits_to_probs(logits, params)
+                x = sample(q, draw_uniforms(seqs, 1, self.generator, q.device).squeeze(1))  # [B]
+                logprob = self._confidence(logits, q, x, params)
                 probs.append(q)
+            tokens.append(x)
+            logprobs.append(logprob)
             if keep_going is not None and j + 1 < depth and not keep_going(torch.stack(logprobs, 1)):
                 break
             if j + 1 < depth:

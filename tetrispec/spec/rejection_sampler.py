@@ -62,3 +62,22 @@ def verify(
     next_tokens = sample(residual, u_final)
     oracle_accepted = run.sum(1).tolist() if oracle else None
     return Verdict(accepted.tolist(), next_tokens.tolist(), oracle_accepted)
+
+
+def verify_greedy(
+    target_tokens: torch.Tensor,  # [B, K + 1] the target's argmax at each verified position (rows past l_i unused)
+    draft_tokens: torch.Tensor,  # [B, K]
+    lengths: torch.Tensor,  # [B] l_i
+    oracle: bool = False,
+) -> Verdict:
+    """verify() for a batch of greedy requests, from argmax tokens instead of one-hot distributions.
+
+    It is the same rule (accept while the draft equals the target's argmax, then emit the
+    argmax) without materializing [B, K + 1, V] tensors.
+    """
+    B, K = draft_tokens.shape
+    run = (draft_tokens == target_tokens[:, :K]).long().cumprod(1)
+    pos = torch.arange(K, device=run.device)
+    accepted = (run * (pos[None, :] < lengths[:, None])).sum(1)
+    next_tokens = target_tokens.gather(1, accepted[:, None]).squeeze(1)
+    return Verdict(accepted.tolist(), next_tokens.tolist(), run.sum(1).tolist() if oracle else None)
