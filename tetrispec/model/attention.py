@@ -9,6 +9,7 @@ then does one gather and one SDPA call for the whole batch.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,9 @@ class AttentionMetadata:
     q_pos: torch.Tensor | None  # [T] index of each query token inside its padded row
     num_seqs: int
     max_q: int
+    # Token ranges of the sequences when every one is a prefill from position 0: attention then
+    # runs per sequence over its own fresh keys (causal, no cache gather, no padding).
+    prefill_spans: list[tuple[int, int]] | None = None
     # Reused buffers the gathered keys and values are written into (flat, at least
     # B * max_blocks * block_size * n_kv * head_dim each): writing into memory that is already
     # mapped costs about half of allocating fresh multi-megabyte tensors every layer.
@@ -51,6 +55,14 @@ class AttentionMetadata:
         """query_lens[i] new tokens of sequence i end at context_lens[i] (cache included)."""
         B = len(query_lens)
         max_q = max(query_lens)
+        if max_q > 1 and query_lens == context_lens:
+            slots = []
+            for table, q in zip(block_tables, query_lens):
+                blocks = torch.tensor(table[: -(-q // block_size)])
+                slots.append((blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:q])
+            ends = list(itertools.accumulate(query_lens))
+            return cls(torch.cat(slots).to(device), torch.empty(0, dtype=torch.long, device=device), block_size,
+                       None, None, None, B, max_q, prefill_spans=list(zip([0, *ends[:-1]], ends)))
         max_blocks = max(len(t) for t in block_tables)
         tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], device=device)
         # Keys are gathered whole blocks at a time (a contiguous copy per block, far cheaper
@@ -87,6 +99,8 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, n_heads, hd]
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    if meta.prefill_spans is not None:
+        return _prefill_attention(q, k, v, meta.prefill_spans, scale)
     B, Q = meta.num_seqs, meta.max_q
     n_heads, n_kv, hd = q.shape[1], k.shape[1], q.shape[2]
     n_rep = n_heads // n_kv
@@ -114,3 +128,16 @@ def _gather(blocks: torch.Tensor, index: torch.Tensor, buf: torch.Tensor | None)
         return blocks.index_select(0, index)
     out = buf[: index.numel() * blocks[0].numel()].view(index.numel(), *blocks.shape[1:])
     return torch.index_select(blocks, 0, index, out=out)
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[tuple[int, int]],
+                       scale: float) -> torch.Tensor:
+    """Causal attention of each fresh prompt over its own keys: cost sum(l^2), not B * max(l)^2."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:  # CPU SDPA has no fast grouped-query path; repeating K/V is cheap next to l^2
+        k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
+    out = torch.empty_like(q)
+    for start, end in spans:
+        qs, ks, vs = (t[None, start:end].transpose(1, 2) for t in (q, k, v))  # [1, heads, l, hd]
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)[0].transpose(0, 1)
+    return out
