@@ -66,6 +66,16 @@ def test_sharegpt_through_the_chat_endpoint_and_plain_completions(live_server, t
         assert completed == str(len(QA) - 1)  # the short answer is filtered out
 
 
+def test_max_output_len_caps_every_request(live_server, tiny_pair, sharegpt_file, tmp_path):
+    out = tmp_path / "capped.json"
+    argv = ["bench", "--base-url", live_server, "--model", "tiny", "--dataset", "sharegpt", "--dataset-path",
+            str(sharegpt_file), "--tokenizer", tiny_pair[0], "--ignore-eos", "--max-output-len", "5",
+            "--no-progress", "--output", str(out)]
+    assert main(argv) == 0
+    requests = json.loads(out.read_text())["requests"]
+    assert len(requests) == len(QA) - 1 and all(r["output_tokens"] == 5 for r in requests)
+
+
 def test_errors_are_one_line_with_exit_code_2(live_server, tiny_pair, tmp_path, capsys):
     common = ["bench", "--base-url", live_server, "--model", "tiny", "--tokenizer", tiny_pair[0], "--no-progress"]
     missing = tmp_path / "nope.json"
@@ -76,6 +86,7 @@ def test_errors_are_one_line_with_exit_code_2(live_server, tiny_pair, tmp_path, 
         ([*common, "--dataset-path", str(torn)], f"{torn}: JSON is cut off before its first complete record"),
         ([*common, "--dataset", "arena"], "a path is required"),
         ([*common, "--dataset", "random", "--request-rate", "0"], "--request-rate must be > 0"),
+        ([*common, "--dataset", "random", "--max-output-len", "0"], "--max-output-len must be >= 1"),
         (["bench", "--base-url", f"http://127.0.0.1:{free_port()}", "--no-progress"], "cannot list models"),
         ([*common, "--dataset", "random", "--tokenizer", str(missing)], "no such file or directory"),
     ]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tetrispec.spec.auto_capacity import AcceptanceEstimator, AutoTetris, best_capacity, isotonic
-from tetrispec.spec.cost_model import CostModel
+from tetrispec.spec.auto_capacity import AcceptanceEstimator, AutoTetris, best_capacity
+from tetrispec.spec.cost_model import CostModel, isotonic
 from tetrispec.spec.selectors import BatchInfo
 
 
 def cost(per_token: float, fixed: float = 0.05, draft: float = 0.001) -> CostModel:
-    return CostModel(target_coef=[fixed, per_token, 0.0], draft_coef=[draft, 0.0, 0.0])
+    return CostModel.linear(fixed, per_token, draft_fixed=draft)
 
 
 def test_capacity_zero_when_verification_is_too_expensive():

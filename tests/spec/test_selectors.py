@@ -71,11 +71,11 @@ def test_fixed_k():
 
 
 def test_dsd_picks_k_by_goodput_and_tracks_acceptance():
-    cheap = CostModel(target_coef=[0.05, 0.0, 0.0], draft_coef=[0.001, 0.0, 0.0])  # verify nearly free
+    cheap = CostModel.linear(0.05, 0.0, draft_fixed=0.001)  # verify nearly free
     dsd = DSD(max_k=6, interval=20, cost=cheap)
     dsd.alpha = 0.9
     assert dsd.depth(BatchInfo(8, 100)) == 6
-    pricey = CostModel(target_coef=[0.01, 0.01, 0.0], draft_coef=[0.01, 0.0, 0.0])  # each token costs
+    pricey = CostModel.linear(0.01, 0.01, draft_fixed=0.01)  # each token costs
     dsd = DSD(max_k=6, interval=20, cost=pricey)
     dsd.alpha = 0.3
     assert dsd.depth(BatchInfo(32, 100)) == 0

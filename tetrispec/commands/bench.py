@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
                    help="model path whose tokenizer measures prompts and outputs (default: the default target's; "
                         "sweep: --model's)")
     g.add_argument("--ignore-eos", action="store_true", help="always generate max_tokens")
+    g.add_argument("--max-output-len", type=int, default=None,
+                   help="cap every request's max_tokens (the dataset's output length) at this many tokens")
 
 
 def add_load_args(p: argparse.ArgumentParser) -> None:
@@ -54,6 +56,8 @@ def check_dataset_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--request-rate must be > 0 (inf for a burst), got {args.request_rate}")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise CLIError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    if args.max_output_len is not None and args.max_output_len < 1:
+        raise CLIError(f"--max-output-len must be >= 1, got {args.max_output_len}")
     if args.dataset_path is not None and not Path(args.dataset_path).is_file():
         raise CLIError(f"--dataset-path {args.dataset_path}: no such file")
 
@@ -95,6 +99,8 @@ def prepare_requests(args: argparse.Namespace, tokenizer: Any) -> list:
                             input_len=args.input_len, output_len=args.output_len, apply_template=apply, chat=chat)
     if not requests:
         raise CLIError(f"no request of the {args.dataset} dataset passes the length filters")
+    if args.max_output_len is not None:
+        requests = [replace(r, output_len=min(r.output_len, args.max_output_len)) for r in requests]
     return requests
 
 

@@ -79,8 +79,9 @@ def server_args(args: argparse.Namespace) -> list[str]:
 def setup_of(args: argparse.Namespace) -> dict:
     """The settings that make two runs comparable (the grid and repeats may grow on resume)."""
     keys = ["model", "speculative_model", "dataset", "dataset_path", "num_requests", "seed", "chat_template",
-            "tokenizer", "ignore_eos", "request_rate", "max_concurrency", "max_num_seqs", "engine_seed", "dtype",
-            "device", "num_threads", "max_model_len", "kv_cache_memory_gb", "tetris_turn_on_batch_size"]
+            "tokenizer", "ignore_eos", "max_output_len", "request_rate", "max_concurrency", "max_num_seqs",
+            "engine_seed", "dtype", "device", "num_threads", "max_model_len", "kv_cache_memory_gb",
+            "tetris_turn_on_batch_size"]
     if args.dataset == "random":
         keys += ["input_len", "output_len"]
     setup = {k: getattr(args, k) for k in keys}

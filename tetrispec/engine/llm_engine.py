@@ -174,10 +174,8 @@ class LLMEngine:
     def _prefill(self, seqs: list[Sequence]) -> None:
         items = [ForwardItem(s.token_ids, 0, s.block_table) for s in seqs]
         tokens = self._next_tokens(items, seqs)
-        if self.draft is not None:
-            self.draft.forward(items, "none")
         for s, token in zip(seqs, tokens):
-            s.num_cached = s.num_draft_cached = s.num_tokens
+            s.num_cached = s.num_tokens  # the draft reads the prompt when it first drafts (proposer)
             self.num_prompt_tokens += s.num_prompt_tokens if s.num_preemptions == 0 else 0
             self._append(s, [token])
 

@@ -21,23 +21,8 @@ from pathlib import Path
 
 import torch
 
-from tetrispec.spec.cost_model import CostModel
+from tetrispec.spec.cost_model import CostModel, isotonic
 from tetrispec.spec.selectors import BatchInfo, Selector
-
-
-def isotonic(values: list[float], weights: list[float]) -> list[float]:
-    """Pool-adjacent-violators: the non-decreasing fit closest to values (weighted L2)."""
-    blocks: list[list[float]] = []  # [value, weight, count]
-    for v, w in zip(values, weights):
-        blocks.append([v, w, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            v2, w2, n2 = blocks.pop()
-            v1, w1, n1 = blocks.pop()
-            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
-    out: list[float] = []
-    for v, _, n in blocks:
-        out.extend([v] * n)
-    return out
 
 
 class AcceptanceEstimator:
@@ -121,8 +106,7 @@ def best_capacity(values: torch.Tensor, batch_size: int, fixed_time: float, cost
     v = values.flatten().sort(descending=True).values.double()
     gains = torch.cat([torch.zeros(1, dtype=torch.float64), v.cumsum(0)])  # [N + 1]
     c = torch.arange(gains.numel(), dtype=torch.float64)
-    tc = cost.target_coef
-    times = fixed_time + (tc[0] + tc[1] * (batch_size + c) + tc[2] * (batch_size + c) * mean_len).clamp_min(1e-6)
+    times = fixed_time + cost.target_time(batch_size + c, mean_len)
     rates = (batch_size + gains) / times
     best = int(rates.argmax())
     return best, float(rates[best])

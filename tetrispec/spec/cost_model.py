@@ -1,10 +1,12 @@
 """Profiled step-time model: how long a verify forward and a draft forward take.
 
-Target (verify) time is fitted as c0 + c1 * tokens + c2 * tokens * ctx, where tokens are the
-query tokens of the step and ctx the mean context length (attention reads the cache);
-one draft forward as d0 + d1 * B + d2 * B * ctx. A few dozen timed forwards at start-up are
-enough: least squares over a grid of batch size, context length and tokens per request.
-The fit is cached on disk, keyed by model, device and dtype.
+Target (verify) time is f(tokens) + a * tokens * ctx, where tokens are the query tokens of
+the step, ctx the mean context length (attention reads the cache) and f is piecewise linear
+between profiled token counts. A straight line does not do: on a CPU, or a GPU at small
+batch, a forward is memory-bound until enough tokens share each weight read, so the first
+few extra tokens are almost free and later ones cost full price. One draft forward is
+g(B) + d * B * ctx in the same way. A few dozen timed forwards at start-up are enough; the
+fit is cached on disk, keyed by model, device and dtype.
 """
 
 from __future__ import annotations
@@ -19,20 +21,50 @@ from tqdm import tqdm
 
 from tetrispec.model.model_runner import ForwardItem, ModelRunner
 
+FORMAT = 2  # bumped when the saved fields change; an older cached profile is rebuilt
+
+
+@dataclass
+class PiecewiseLinear:
+    """y = interp(x over knots) + slope_ctx * x * ctx, extrapolated along the end segments."""
+
+    knots: list[float]
+    values: list[float]
+    slope_ctx: float
+
+    def __call__(self, x, ctx):
+        xs = torch.tensor(self.knots, dtype=torch.float64)
+        ys = torch.tensor(self.values, dtype=torch.float64)
+        xt = torch.as_tensor(x, dtype=torch.float64)
+        if len(self.knots) == 1:
+            base = ys[0].expand_as(xt)
+        else:
+            i = torch.searchsorted(xs, xt.contiguous()).clamp(1, len(self.knots) - 1)
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            base = y0 + (y1 - y0) * (xt - x0) / (x1 - x0)
+        out = (base + self.slope_ctx * xt * ctx).clamp_min(1e-6)
+        return float(out) if out.dim() == 0 else out
+
 
 @dataclass
 class CostModel:
-    target_coef: list[float]
-    draft_coef: list[float]
+    target: PiecewiseLinear  # over query tokens of the step
+    draft: PiecewiseLinear  # over batch size, one draft forward
 
-    def target_time(self, num_tokens: float, mean_len: float) -> float:
-        c = self.target_coef
-        return max(1e-6, c[0] + c[1] * num_tokens + c[2] * num_tokens * mean_len)
+    @classmethod
+    def linear(cls, fixed: float, per_token: float, per_token_ctx: float = 0.0, draft_fixed: float = 0.0,
+               draft_per_seq: float = 0.0, draft_per_seq_ctx: float = 0.0) -> CostModel:
+        """A straight-line model (tests, and users who know their hardware)."""
+        return cls(PiecewiseLinear([0.0, 1.0], [fixed, fixed + per_token], per_token_ctx),
+                   PiecewiseLinear([0.0, 1.0], [draft_fixed, draft_fixed + draft_per_seq], draft_per_seq_ctx))
+
+    def target_time(self, num_tokens, mean_len: float):
+        """Seconds of one target forward over num_tokens query tokens (a float or a tensor of counts)."""
+        return self.target(num_tokens, mean_len)
 
     def draft_time(self, batch_size: float, mean_len: float) -> float:
         """One draft forward over the batch."""
-        d = self.draft_coef
-        return max(1e-6, d[0] + d[1] * batch_size + d[2] * batch_size * mean_len)
+        return self.draft(batch_size, mean_len)
 
     def step_time(self, batch_size: int, mean_len: float, k: int) -> float:
         """A step that drafts k per request and verifies all of them (k = 0: plain decode)."""
@@ -40,11 +72,15 @@ class CostModel:
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
+        Path(path).write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> CostModel:
-        return cls(**json.loads(Path(path).read_text()))
+    def load(cls, path: str | Path) -> CostModel | None:
+        """The saved model, or None when the file holds an older format."""
+        d = json.loads(Path(path).read_text())
+        if d.get("format") != FORMAT:
+            return None
+        return cls(PiecewiseLinear(**d["target"]), PiecewiseLinear(**d["draft"]))
 
 
 def _time_forward(runner: ModelRunner, batch: int, ctx: int, q_len: int, repeats: int) -> float:
@@ -67,17 +103,39 @@ def _time_forward(runner: ModelRunner, batch: int, ctx: int, q_len: int, repeats
     return sorted(times)[len(times) // 2]
 
 
-def _fit(rows: list[list[float]], ys: list[float]) -> list[float]:
-    X = torch.tensor(rows, dtype=torch.float64)
-    y = torch.tensor(ys, dtype=torch.float64)
-    # non-negative-ish least squares: drop a negative slope (noise) and refit
-    coef = torch.linalg.lstsq(X, y[:, None]).solution.squeeze(1)
-    for j in range(1, X.shape[1]):
-        if coef[j] < 0:
-            X[:, j] = 0
-            coef = torch.linalg.lstsq(X, y[:, None]).solution.squeeze(1)
-            coef[j] = 0
-    return coef.tolist()
+def isotonic(values: list[float], weights: list[float]) -> list[float]:
+    """Pool-adjacent-violators: the non-decreasing fit closest to values (weighted L2)."""
+    blocks: list[list[float]] = []  # [value, weight, count]
+    for v, w in zip(values, weights):
+        blocks.append([v, w, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, n2 = blocks.pop()
+            v1, w1, n1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    out: list[float] = []
+    for v, _, n in blocks:
+        out.extend([v] * n)
+    return out
+
+
+def fit_piecewise(xs: list[float], ctxs: list[float], ys: list[float]) -> PiecewiseLinear:
+    """Least squares of one value per distinct x (the knots) plus a shared x * ctx slope.
+
+    The knot values are then made non-decreasing (more tokens never cost less) and the
+    context slope kept non-negative: timing noise must not invent free capacity.
+    """
+    knots = sorted(set(xs))
+    x = torch.tensor(xs, dtype=torch.float64)
+    onehot = (x[:, None] == torch.tensor(knots, dtype=torch.float64)[None, :]).double()
+    cols = torch.cat([onehot, (x * torch.tensor(ctxs, dtype=torch.float64))[:, None]], 1)
+    y = torch.tensor(ys, dtype=torch.float64)[:, None]
+    coef = torch.linalg.lstsq(cols, y).solution.squeeze(1)
+    slope = float(coef[-1])
+    if slope < 0:
+        slope = 0.0
+        coef = torch.linalg.lstsq(onehot, y).solution.squeeze(1)
+    counts = [xs.count(v) for v in knots]
+    return PiecewiseLinear([float(v) for v in knots], isotonic(coef[: len(knots)].tolist(), counts), slope)
 
 
 def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_k: int,
@@ -92,22 +150,25 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
     grid = [(b, c, k) for b in batches for c in ctxs for k in ks if b * (c + k + 1 + 16) <= num_slots]
     if not grid:
         raise ValueError("KV cache too small to profile the step-time model")
-    t_rows, t_ys, d_rows, d_ys = [], [], [], []
+    t_x, t_c, t_y, d_x, d_c, d_y = [], [], [], [], [], []
     bar = tqdm(grid, desc="profiling step times", disable=not progress)
     for b, c, k in bar:
-        t_rows.append([1.0, b * (k + 1), b * (k + 1) * c])
-        t_ys.append(_time_forward(target, b, c, k + 1, repeats))
+        t_x.append(b * (k + 1))
+        t_c.append(c)
+        t_y.append(_time_forward(target, b, c, k + 1, repeats))
         if draft is not None and k == 0:
-            d_rows.append([1.0, b, b * c])
-            d_ys.append(_time_forward(draft, b, c, 1, repeats))
-    draft_coef = _fit(d_rows, d_ys) if d_rows else [0.0, 0.0, 0.0]
-    return CostModel(_fit(t_rows, t_ys), draft_coef)
+            d_x.append(b)
+            d_c.append(c)
+            d_y.append(_time_forward(draft, b, c, 1, repeats))
+    no_draft = PiecewiseLinear([1.0], [0.0], 0.0)
+    return CostModel(fit_piecewise(t_x, t_c, t_y), fit_piecewise(d_x, d_c, d_y) if d_x else no_draft)
 
 
 def load_or_profile(path: Path, target: ModelRunner, draft: ModelRunner | None, max_batch: int,
                     max_k: int, num_slots: int) -> CostModel:
-    if path.exists():
-        return CostModel.load(path)
+    cached = CostModel.load(path) if path.exists() else None
+    if cached is not None:
+        return cached
     cost = profile(target, draft, max_batch, max_k, num_slots)
     cost.save(path)
     return cost

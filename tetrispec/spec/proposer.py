@@ -1,8 +1,10 @@
 """Draft-model proposer: K batched draft forwards, keeping every position's distribution.
 
-The draft may lag the sequence (bonus and correction tokens it has not seen, or steps that
-ran without speculation); its first forward feeds all of those tokens at once, so catching
-up costs no extra forward.
+The draft may lag the sequence: bonus and correction tokens it has not seen, steps that ran
+without speculation, and the prompt itself, which the draft first reads when it first drafts
+(a method that decides not to speculate never pays for the draft's prefill). A short lag is
+fed inside the first draft forward, so catching up costs no extra forward; a long one gets a
+forward of its own first, so that one request's prompt does not pad every other query row.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class Proposal:
         return self.tokens.shape[1]
 
 
+INLINE_CATCH_UP = 8  # lag (tokens) the first draft forward absorbs; longer lags are fed first
+
 # Called after each draft forward with the log-probabilities so far [B, j]; False stops drafting.
 KeepGoing = Callable[[torch.Tensor], bool]
 
@@ -41,6 +45,12 @@ class DraftProposer:
         params = [s.params for s in seqs]
         greedy = all(p.greedy for p in params)
         tokens, logprobs, probs = [], [], []
+        lagging = [s for s in seqs if s.num_tokens - s.num_draft_cached > INLINE_CATCH_UP]
+        if lagging:
+            self.runner.forward([ForwardItem(s.token_ids[s.num_draft_cached : -1], s.num_draft_cached, s.block_table)
+                                 for s in lagging], "none")
+            for s in lagging:
+                s.num_draft_cached = s.num_tokens - 1
         items = [ForwardItem(s.token_ids[s.num_draft_cached:], s.num_draft_cached, s.block_table) for s in seqs]
         for j in range(depth):
             if greedy:
