@@ -40,7 +40,8 @@ def main() -> None:
     ap.add_argument("--min-prompts", type=int, default=8)
     ap.add_argument("--prompts-per-seq", type=int, default=4, help="prompts = this x concurrency (at least min)")
     ap.add_argument("--max-output", type=int, default=96)
-    ap.add_argument("--profile-dir", default="benchmarks/results/profiles")
+    ap.add_argument("--profile", default="benchmarks/results/profiles/default-pair-cpu.json",
+                    help="step-time profile shared by every run (build it first at the largest concurrency)")
     ap.add_argument("--out", default="benchmarks/results/concurrency_cpu")
     args = ap.parse_args()
     out = Path(args.out)
@@ -62,7 +63,7 @@ def main() -> None:
         for name in args.methods.split(","):
             if (name, c) in done:
                 continue
-            kw = dict(METHODS[name], max_num_seqs=c, profile_path=f"{args.profile_dir}/default-pair-cpu.json")
+            kw = dict(METHODS[name], max_num_seqs=c, profile_path=args.profile)
             llm = LLM(**kw)
             llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
             llm.engine.stats = type(llm.engine.stats)()

@@ -64,13 +64,15 @@ def sweep() -> None:
         return
     data = json.loads(p.read_text())
     rows = data["rows"] if isinstance(data, dict) else data
-    print("| config | tok/s | mean TTFT ms | median TPOT ms | p99 e2e ms | VSR | acceptance | system eff. |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| config | tok/s | mean TTFT ms | median TPOT ms | p99 e2e ms | VSR | draft acceptance | mean accepted len "
+          "| system eff. |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         name = r.get("config") or r.get("label") or r.get("method")
         print(f"| {name} | {fmt(r.get('output_throughput'), 1)} | {fmt(r.get('mean_ttft_ms'), 0)} | "
               f"{fmt(r.get('median_tpot_ms'), 1)} | {fmt(r.get('p99_e2el_ms'), 0)} | {fmt(r.get('vsr'))} | "
-              f"{fmt(r.get('acceptance_rate'))} | {fmt(r.get('system_efficiency'))} |")
+              f"{fmt(r.get('draft_acceptance_rate'))} | {fmt(r.get('mean_accepted_length'))} | "
+              f"{fmt(r.get('system_efficiency'))} |")
 
 
 if __name__ == "__main__":

@@ -15,19 +15,25 @@ if step throughput; then
       --json $R/throughput_$dt.json 2>&1 | grep --line-buffered -v torn | tee $R/throughput_$dt.log
   done
 fi
-if step concurrency; then
-  python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --min-prompts 16 --prompts-per-seq 2 --max-output 64 \
-    --methods none,fixed-k1,fixed-k2,tetris-k1-e1,tetris-k2-e1,dsd,tetris-auto \
-    --out $R/concurrency_cpu 2>&1 | grep --line-buffered -v torn | tee $R/concurrency_cpu.log
-fi
-if step spec_methods; then
-  python benchmarks/spec_methods.py --num-prompts 64 --oracle-prompts 16 --max-output 32 --max-num-seqs 32 \
-    --ks 1,2,3 --es 1,2 --auto --out $R/spec_methods_cpu.json 2>&1 | grep --line-buffered -v torn \
-    | tee $R/spec_methods_cpu.log
+PROFILE=$R/profiles/default-pair-cpu.json
+if step profile; then
+  # one step-time profile over batch 1..32 shared by every DSD / auto run below
+  tetrispec profile --max-num-seqs 32 --dsd-max-k 4 --num-speculative-tokens 3 --tetris-extra-proposals 1 \
+    --profile-path $PROFILE --force 2>&1 | tail -3
 fi
 if step sweep; then
-  # the paper-style grid of sweep_default_pair.sh, reduced to fit this 2-core machine (~10 min)
-  OUT=$R/sweep_cpu_small benchmarks/sweep_default_pair.sh --num-requests 32 --num-speculative-tokens 1,2 \
-    --tetris-extra-proposals 1 --max-num-seqs 16 --repeats 1 --tetris-capacity default,auto 2>&1 \
-    | tail -40 > $R/sweep_cpu_small.log
+  # the paper-style grid of sweep_default_pair.sh, reduced to fit this 2-core machine
+  OUT=$R/sweep_cpu_small benchmarks/sweep_default_pair.sh --num-requests 64 --max-output-len 64 \
+    --num-speculative-tokens 1,2 --tetris-extra-proposals 1,2 --tetris-capacity default,auto --repeats 1 \
+    --profile-path $PROFILE --no-progress 2>&1 | tail -40 > $R/sweep_cpu_small.log
+fi
+if step spec_methods; then
+  python benchmarks/spec_methods.py --num-prompts 200 --oracle-prompts 32 --max-output 48 --max-num-seqs 32 \
+    --ks 1,2,3,4 --es 1,2,3 --auto --profile-path $PROFILE --out $R/spec_methods_cpu.json 2>&1 \
+    | grep --line-buffered -v torn | tee $R/spec_methods_cpu.log
+fi
+if step concurrency; then
+  python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --min-prompts 16 --prompts-per-seq 2 --max-output 64 \
+    --methods none,fixed-k1,fixed-k2,tetris-k1-e1,tetris-k2-e1,dsd,tetris-auto --profile $PROFILE \
+    --out $R/concurrency_cpu 2>&1 | grep --line-buffered -v torn | tee $R/concurrency_cpu.log
 fi

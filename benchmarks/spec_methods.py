@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--es", default="1,2,3")
     ap.add_argument("--auto", action="store_true", help="also run --tetris-capacity auto")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--profile-path", default=None, help="step-time profile for DSD and auto (default: the cache)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ks, es = [int(x) for x in args.ks.split(",")], [int(x) for x in args.es.split(",")]
@@ -80,6 +81,8 @@ def main() -> None:
         engine_kw = dict(max_num_seqs=args.max_num_seqs, dtype=args.dtype, **cfg)
         if cfg["spec_method"] != "none":
             engine_kw["speculative_model"] = args.speculative_model
+        if args.profile_path:
+            engine_kw["profile_path"] = args.profile_path
         llm = LLM(args.model, **engine_kw)
         llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
         llm.engine.stats = type(llm.engine.stats)()

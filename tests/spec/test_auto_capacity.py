@@ -93,3 +93,13 @@ def test_auto_tetris_learns_from_outcomes():
         sel.observe(logprobs, [2, 2, 2, 2], [0, 0, 0, 0])
     assert float(sel.estimator.estimate(torch.tensor([0.9]))) < 0.3
     assert int(sel.select(logprobs, BatchInfo(4, 10)).sum()) == 0
+
+
+def test_probes_back_off_while_drafting_does_not_pay():
+    sel = AutoTetris(max_depth=3, cost=cost(per_token=10.0), probe_every=4)
+    batch = BatchInfo(8, 100)
+    drafted_at = [step for step in range(200) if sel.depth(batch)]
+    gaps = [b - a for a, b in zip(drafted_at, drafted_at[1:])]
+    assert gaps[:5] == [9, 17, 33, 65, 65]  # wait 4, 8, 16, 32, then capped at 16 x 4 = 64 plain steps
+    sel.cost = cost(per_token=0.0)  # verification becomes free: drafting resumes at once, back-off reset
+    assert sel.depth(batch) == 3 and sel.probe_interval == 4

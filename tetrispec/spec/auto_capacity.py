@@ -121,7 +121,8 @@ class AutoTetris(Selector):
         self.estimator = estimator or AcceptanceEstimator()
         self.cost = cost
         self.state_path: Path | None = None
-        self.probe_every = probe_every
+        self.probe_every = probe_every  # first probe interval; doubles while probes keep saying "no"
+        self.probe_interval = probe_every
         self.level_means = [0.5] * max_depth  # EMA of the mean cumulative estimate per depth
         self.steps_without_draft = 0
         self.last_capacity = 0
@@ -135,7 +136,12 @@ class AutoTetris(Selector):
     # --- how deep to draft -------------------------------------------------------------
     def depth(self, batch: BatchInfo) -> int:
         """0 when even typical drafts would not pay for verification; else the full depth,
-        which keep_going trims as real draft probabilities come in."""
+        which keep_going trims as real draft probabilities come in.
+
+        While drafting does not pay, a probe drafts now and then to refresh the per-depth
+        estimates; each probe that does not turn speculation back on doubles the wait for the
+        next (up to 16x), because a probe makes the draft catch up on every running request.
+        """
         B, s = batch.batch_size, batch.mean_len
         plain = B / self.cost.target_time(B, s)
         best = plain
@@ -144,8 +150,13 @@ class AutoTetris(Selector):
             cumulative += self.level_means[d - 1]
             time = d * self.cost.draft_time(B, s) + self.cost.target_time(B * (d + 1), s)
             best = max(best, (B + B * cumulative) / time)
-        if best > plain or self.steps_without_draft >= self.probe_every:
+        if best > plain:
             self.steps_without_draft = 0
+            self.probe_interval = self.probe_every
+            return self.max_depth
+        if self.steps_without_draft >= self.probe_interval:
+            self.steps_without_draft = 0
+            self.probe_interval = min(2 * self.probe_interval, 16 * self.probe_every)
             return self.max_depth
         self.steps_without_draft += 1
         return 0
