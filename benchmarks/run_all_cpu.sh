@@ -37,3 +37,7 @@ if step concurrency; then
     --methods none,fixed-k1,fixed-k2,tetris-k1-e1,tetris-k2-e1,dsd,tetris-auto --profile $PROFILE \
     --out $R/concurrency_cpu 2>&1 | grep --line-buffered -v torn | tee $R/concurrency_cpu.log
 fi
+if step auto_oracle; then
+  python benchmarks/auto_oracle.py --num-prompts 64 --max-output 64 --profile-path $PROFILE \
+    --out $R/auto_oracle_cpu.json 2>&1 | grep -v torn | tee $R/auto_oracle_cpu.log
+fi

@@ -2,9 +2,13 @@
 
 One batch may mix prefill chunks, single-token decodes and multi-token verify queries.
 The cache of one layer is a flat pool of slots [num_slots, n_kv, head_dim]; a slot is
-block_id * block_size + offset. Per step we build, once for all layers, the slot index of
-every key each sequence sees, padded to the longest context, and a causal mask; each layer
-then does one gather and one SDPA call for the whole batch.
+block_id * block_size + offset. Two paths, chosen once per step for all layers:
+- short queries (decode, verify: at most LONG_QUERY tokens per sequence): the slot index of
+  every key each sequence sees, padded to the longest context, and a causal mask; each layer
+  does one gather and one SDPA call for the whole batch;
+- any longer query (prefill, a draft catching up): one SDPA call per sequence, so that one
+  long prompt does not pad every other sequence's query rows. A fresh prompt attends over its
+  own new keys (no cache gather at all); a query with cached context gathers its own blocks.
 """
 
 from __future__ import annotations
@@ -14,6 +18,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+LONG_QUERY = 16  # a sequence with more new tokens than this sends the step to the per-sequence path
+
+
+@dataclass
+class SeqSpan:
+    start: int  # first token of the sequence in the flat batch
+    end: int
+    context_len: int  # cache included, the new tokens last
+    blocks: torch.Tensor | None  # block ids to gather; None for a fresh prompt (its keys are all new)
 
 
 @dataclass
@@ -26,9 +40,8 @@ class AttentionMetadata:
     q_pos: torch.Tensor | None  # [T] index of each query token inside its padded row
     num_seqs: int
     max_q: int
-    # Token ranges of the sequences when every one is a prefill from position 0: attention then
-    # runs per sequence over its own fresh keys (causal, no cache gather, no padding).
-    prefill_spans: list[tuple[int, int]] | None = None
+    # Per-sequence path (long queries): one SeqSpan per sequence, None on the batched path.
+    spans: list[SeqSpan] | None = None
     # Reused buffers the gathered keys and values are written into (flat, at least
     # B * max_blocks * block_size * n_kv * head_dim each): writing into memory that is already
     # mapped costs about half of allocating fresh multi-megabyte tensors every layer.
@@ -55,14 +68,6 @@ class AttentionMetadata:
         """query_lens[i] new tokens of sequence i end at context_lens[i] (cache included)."""
         B = len(query_lens)
         max_q = max(query_lens)
-        if max_q > 1 and query_lens == context_lens:
-            slots = []
-            for table, q in zip(block_tables, query_lens):
-                blocks = torch.tensor(table[: -(-q // block_size)])
-                slots.append((blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:q])
-            ends = list(itertools.accumulate(query_lens))
-            return cls(torch.cat(slots).to(device), torch.empty(0, dtype=torch.long, device=device), block_size,
-                       None, None, None, B, max_q, prefill_spans=list(zip([0, *ends[:-1]], ends)))
         max_blocks = max(len(t) for t in block_tables)
         tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], device=device)
         # Keys are gathered whole blocks at a time (a contiguous copy per block, far cheaper
@@ -77,6 +82,12 @@ class AttentionMetadata:
         qvalid = qidx[None, :] < qlens[:, None]
         qpos = qpos.masked_fill(~qvalid, 0)
         slot_mapping = (tables.gather(1, qpos // block_size) * block_size + qpos % block_size)[qvalid]  # [T]
+        if max_q > LONG_QUERY:
+            ends = list(itertools.accumulate(query_lens))
+            spans = [SeqSpan(end - q, end, c, None if q == c else torch.tensor(t[: -(-c // block_size)], device=device))
+                     for q, c, t, end in zip(query_lens, context_lens, block_tables, ends)]
+            empty = torch.empty(0, dtype=torch.long, device=device)
+            return cls(slot_mapping, empty, block_size, None, None, None, B, max_q, spans=spans)
         uniform = all(q == max_q for q in query_lens)
         mask = None
         if not (uniform and max_q == 1 and all(c == max_l for c in context_lens)):
@@ -99,8 +110,8 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, n_heads, hd]
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
-    if meta.prefill_spans is not None:
-        return _prefill_attention(q, k, v, meta.prefill_spans, scale)
+    if meta.spans is not None:
+        return _per_sequence_attention(q, k, v, k_cache, v_cache, meta, scale)
     B, Q = meta.num_seqs, meta.max_q
     n_heads, n_kv, hd = q.shape[1], k.shape[1], q.shape[2]
     n_rep = n_heads // n_kv
@@ -130,14 +141,24 @@ def _gather(blocks: torch.Tensor, index: torch.Tensor, buf: torch.Tensor | None)
     return torch.index_select(blocks, 0, index, out=out)
 
 
-def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[tuple[int, int]],
-                       scale: float) -> torch.Tensor:
-    """Causal attention of each fresh prompt over its own keys: cost sum(l^2), not B * max(l)^2."""
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:  # CPU SDPA has no fast grouped-query path; repeating K/V is cheap next to l^2
-        k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
+def _per_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention one sequence at a time: cost sum(q_i * l_i), not B * max(q) * max(l)."""
+    n_kv, hd = k.shape[1], k.shape[2]
+    n_rep = q.shape[1] // n_kv
     out = torch.empty_like(q)
-    for start, end in spans:
-        qs, ks, vs = (t[None, start:end].transpose(1, 2) for t in (q, k, v))  # [1, heads, l, hd]
-        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)[0].transpose(0, 1)
+    for span in meta.spans:
+        n = span.end - span.start
+        if span.blocks is None:  # fresh prompt: its keys are exactly the new ones
+            keys, values, mask = k[span.start : span.end], v[span.start : span.end], None
+        else:
+            keys, values = (cache.view(-1, meta.block_size, n_kv, hd).index_select(0, span.blocks)
+                            .view(-1, n_kv, hd)[: span.context_len] for cache in (k_cache, v_cache))
+            positions = torch.arange(span.context_len - n, span.context_len, device=q.device)
+            mask = torch.arange(span.context_len, device=q.device)[None, :] <= positions[:, None]  # [n, L]
+        if n_rep > 1:  # CPU SDPA has no fast grouped-query path; repeating K/V is cheap next to the scores
+            keys, values = keys.repeat_interleave(n_rep, 1), values.repeat_interleave(n_rep, 1)
+        qs, ks, vs = (t[None].transpose(1, 2) for t in (q[span.start : span.end], keys, values))  # [1, heads, *, hd]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale)
+        out[span.start : span.end] = o[0].transpose(0, 1)
     return out

@@ -1,0 +1,65 @@
+"""Oracle efficiency of auto capacity against fixed-capacity Tetris at the same verified-token count.
+
+Issue 7 asks that choosing C per step by goodput does not select worse drafts than the paper's
+fixed capacity. Both runs use the shadow oracle (every drafted token is also verified, for
+measurement only) on the same prompts: first `--tetris-capacity auto`, then fixed-capacity
+Tetris with C = auto's verified tokens per step (rounded), so both verify about as many
+tokens in total. Reported: verified tokens, VSR and oracle efficiency (accepted drafts over
+min(C, sum of true accepted lengths), step by step).
+
+    python benchmarks/auto_oracle.py --num-prompts 64 --profile-path benchmarks/results/profiles/default-pair-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tetrispec import LLM, SamplingParams
+from tetrispec.bench.datasets import load_dataset
+
+
+def run(prompts: list[list[int]], params: list[SamplingParams], **kw) -> dict:
+    llm = LLM(spec_shadow_oracle=True, **kw)
+    llm.generate(prompts, params, use_tqdm=False)
+    s = llm.spec_stats()
+    out = {k: s[k] for k in ("verified_tokens", "accepted_tokens", "num_steps", "verification_success_rate",
+                             "oracle_efficiency")}
+    if "calibration" in s:
+        out["calibration_ece"] = s["calibration"]["ece"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--max-output", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--k", type=int, default=3, help="auto's draft depth is k + e")
+    ap.add_argument("--e", type=int, default=1)
+    ap.add_argument("--profile-path", default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    probe = LLM(spec_method="none", max_num_seqs=1)
+    tok = probe.tokenizer
+    reqs = load_dataset("sharegpt", None, tok, num_requests=args.num_prompts, seed=1)
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": r.prompt}]), add_special_tokens=False)
+               for r in reqs]
+    params = [SamplingParams(temperature=0, max_tokens=min(r.output_len, args.max_output)) for r in reqs]
+    del probe
+    common = dict(spec_method="tetris", num_speculative_tokens=args.k, tetris_extra_proposals=args.e,
+                  max_num_seqs=args.max_num_seqs)
+    if args.profile_path:
+        common["profile_path"] = args.profile_path
+    auto = run(prompts, params, tetris_capacity="auto", **common)
+    capacity = max(1, round(auto["verified_tokens"] / max(1, auto["num_steps"])))
+    fixed = run(prompts, params, tetris_capacity=capacity, **common)
+    result = {"args": vars(args), "auto": auto, "fixed_capacity": capacity, "tetris_fixed": fixed}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
