@@ -18,16 +18,22 @@ from pathlib import Path
 
 from tetrispec import LLM, SamplingParams
 from tetrispec.bench.datasets import load_dataset
+from tetrispec.spec.cost_model import CostModel
 
 
 def run(prompts: list[list[int]], params: list[SamplingParams], **kw) -> dict:
     llm = LLM(spec_shadow_oracle=True, **kw)
+    llm.engine.step_trace = []
     llm.generate(prompts, params, use_tqdm=False)
     s = llm.spec_stats()
     out = {k: s[k] for k in ("verified_tokens", "accepted_tokens", "num_steps", "verification_success_rate",
                              "oracle_efficiency")}
     if "calibration" in s:
         out["calibration_ece"] = s["calibration"]["ece"]
+        out["calibration_observations"] = s["calibration"]["observations"]
+    cost = CostModel.load(kw["profile_path"]) if kw.get("profile_path") else None
+    if cost is not None:  # the trace counts the selected drafts, not the shadow oracle's extra verification
+        out["modelled_decode_tokens_per_s"] = s["emitted_tokens"] / cost.replay(llm.engine.step_trace)
     return out
 
 

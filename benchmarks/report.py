@@ -41,21 +41,31 @@ def concurrency() -> None:
     if not p.exists():
         return
     rows = json.loads(p.read_text())
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    cs = sorted({r["concurrency"] for r in rows})
-    print("| method | " + " | ".join(f"c={c}" for c in cs) + " |\n|---|" + "---:|" * len(cs))
-    best = {c: max(r["tokens_per_s"] for r in rows if r["concurrency"] == c) for c in cs}
-    for m in methods:
-        cells = []
-        for c in cs:
-            v = [r["tokens_per_s"] for r in rows if r["method"] == m and r["concurrency"] == c]
-            cells.append("–" if not v else (f"**{v[0]:.1f}**" if v[0] == best[c] else f"{v[0]:.1f}"))
-        print(f"| {m} | " + " | ".join(cells) + " |")
+    for key, title in (("tokens_per_s", "measured output tokens/s"),
+                       ("modelled_decode_tokens_per_s", "modelled decode tokens/s (profiled step times)")):
+        if not any(key in r for r in rows):
+            continue
+        print(f"\n{title}\n")
+        grid_table(rows, key)
     auto = [r for r in rows if r["method"] == "tetris-auto"]
     if auto:
         print("\nauto capacity: VSR " + ", ".join(f"c={r['concurrency']}: {fmt(r['vsr'], 2)}" for r in auto)
               + "; verified tokens " + ", ".join(str(r["verified_tokens"]) for r in auto)
               + "; ECE " + ", ".join(fmt(r.get("calibration_ece"), 3) for r in auto))
+
+
+def grid_table(rows: list[dict], key: str) -> None:
+    """Methods x concurrencies, the best of each column in bold."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cs = sorted({r["concurrency"] for r in rows})
+    print("| method | " + " | ".join(f"c={c}" for c in cs) + " |\n|---|" + "---:|" * len(cs))
+    best = {c: max(r.get(key, 0) for r in rows if r["concurrency"] == c) for c in cs}
+    for m in methods:
+        cells = []
+        for c in cs:
+            v = [r[key] for r in rows if r["method"] == m and r["concurrency"] == c and key in r]
+            cells.append("–" if not v else (f"**{v[0]:.1f}**" if v[0] == best[c] else f"{v[0]:.1f}"))
+        print(f"| {m} | " + " | ".join(cells) + " |")
 
 
 def sweep() -> None:

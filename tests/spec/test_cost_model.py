@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tetrispec.spec.cost_model import CostModel, PiecewiseLinear, fit_piecewise
@@ -50,3 +51,9 @@ def test_vectorized_evaluation_and_round_trip(tmp_path):
     assert CostModel.load(path) == model
     path.write_text('{"target_coef": [1, 2, 3], "draft_coef": [1, 2, 3]}')  # an older format
     assert CostModel.load(path) is None
+
+
+def test_replay_sums_predicted_step_times():
+    model = CostModel.linear(0.01, 0.001, draft_fixed=0.002)
+    trace = [(4, 4, 0, 100.0), (4, 10, 3, 100.0)]  # a plain step, then 6 drafts verified after depth 3
+    assert model.replay(trace) == pytest.approx((0.01 + 0.004) + (0.01 + 0.010) + 3 * 0.002)

@@ -66,8 +66,13 @@ def test_tetris_respects_capacity(tiny_pair, monkeypatch):
         return lengths
 
     monkeypatch.setattr(llm.engine.selector, "select", spy)
+    llm.engine.step_trace = []
     llm.generate(mixed_prompts(8), GREEDY)
     assert seen
+    # the step trace (for CostModel.replay) holds every decode step: B + sum(l_i) target tokens
+    spec_steps = [t for t in llm.engine.step_trace if t[2] > 0]
+    assert len(llm.engine.step_trace) == llm.spec_stats()["num_steps"]
+    assert [(B, tokens - B, depth) for B, tokens, depth, _ in spec_steps] == [(B, n, K) for n, B, K, _ in seen]
     for total, B, K, _ in seen:
         assert total <= 2 * B
         assert K == (4 if B >= 2 else 2)

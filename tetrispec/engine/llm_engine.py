@@ -85,6 +85,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        # Opt-in (benchmarks set a list): (batch size, B + selected drafts, draft depth, mean context)
+        # of every decode step, for CostModel.replay's machine-noise-free step times.
+        self.step_trace: list[tuple[int, int, int, float]] | None = None
 
     # ---- set-up -------------------------------------------------------------------------
     def _load_draft(self, dtype: torch.dtype, device: torch.device):
@@ -154,9 +157,12 @@ class LLMEngine:
             info = BatchInfo(len(seqs), sum(s.num_tokens for s in seqs) / len(seqs))
             depth = self.selector.depth(info) if self.draft and batch.lookahead_ok else 0
             if depth:
-                self._speculate(seqs, depth, info)
+                tokens, depth = self._speculate(seqs, depth, info)
             else:
                 self._decode(seqs)
+                tokens = len(seqs)
+            if self.step_trace is not None:
+                self.step_trace.append((len(seqs), tokens, depth, info.mean_len))
         for seq in seqs:
             if seq.is_finished:
                 self.scheduler.finish(seq)
@@ -189,7 +195,8 @@ class LLMEngine:
             for st in (s.spec, self.stats):
                 st.record(0, 0, 0, emitted)
 
-    def _speculate(self, seqs: list[Sequence], depth: int, info: BatchInfo) -> None:
+    def _speculate(self, seqs: list[Sequence], depth: int, info: BatchInfo) -> tuple[int, int]:
+        """One speculative step; returns (B + selected drafts, draft depth actually run)."""
         B = len(seqs)
         proposal = self.proposer.propose(seqs, depth, self.selector.keep_going(info))
         K = proposal.depth
@@ -212,6 +219,7 @@ class LLMEngine:
             emitted = self._append(s, drafts[i][:a] + [verdict.next_tokens[i]])
             for st in (s.spec, self.stats):
                 st.record(K, int(lengths[i]), a, emitted)
+        return B + int(lengths.sum()), K  # what the method verifies (the shadow oracle's extra is measurement)
 
     def _verify(self, items: list[ForwardItem], seqs: list[Sequence], proposal, lengths: torch.Tensor,
                 verify_lens: list[int], oracle: bool) -> rejection_sampler.Verdict:

@@ -70,6 +70,12 @@ class CostModel:
         """A step that drafts k per request and verifies all of them (k = 0: plain decode)."""
         return self.target_time(batch_size * (k + 1), mean_len) + k * self.draft_time(batch_size, mean_len)
 
+    def replay(self, trace: list[tuple[int, int, int, float]]) -> float:
+        """Predicted seconds of a run's decode steps (LLMEngine.step_trace): the same steps timed
+        by the profile instead of the clock, which compares methods free of machine noise."""
+        return sum(self.target_time(tokens, ctx) + depth * self.draft_time(batch, ctx)
+                   for batch, tokens, depth, ctx in trace)
+
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1))
