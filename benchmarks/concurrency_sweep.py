@@ -100,19 +100,23 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in dict.fromkeys(r["method"] for r in rows):
-        pts = sorted((r["concurrency"], r["tokens_per_s"]) for r in rows if r["method"] == name)
-        style = "-o" if name in ("tetris-auto", "none") else "--."
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrency (max-num-seqs)")
-    ax.set_ylabel("output tokens/s")
-    ax.set_title("Default pair on CPU (2 cores), greedy ShareGPT")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    panels = [("tokens_per_s", "measured output tokens/s"),
+              ("modelled_decode_tokens_per_s", "modelled decode tokens/s (profiled step times)")]
+    panels = [p for p in panels if any(p[0] in r for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for name in dict.fromkeys(r["method"] for r in rows):
+            pts = sorted((r["concurrency"], r[key]) for r in rows if r["method"] == name and key in r)
+            style = "-o" if name in ("tetris-auto", "none") else "--."
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency (max-num-seqs)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Default pair on CPU (2 cores), greedy ShareGPT")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
