@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tetrispec import LLM, SamplingParams
 from tetrispec.bench.datasets import load_dataset
+from tetrispec.spec.cost_model import CostModel
 
 
 def grid(ks: list[int], es: list[int], with_auto: bool) -> list[dict]:
@@ -86,6 +87,7 @@ def main() -> None:
         llm = LLM(args.model, **engine_kw)
         llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)  # warm-up
         llm.engine.stats = type(llm.engine.stats)()
+        llm.engine.step_trace = []
         elapsed, tokens, stats = run(llm, prompts, params)
         row = {"config": label(cfg), **cfg, "seconds": round(elapsed, 2), "output_tokens": tokens,
                "tokens_per_s": round(tokens / elapsed, 2), "vsr": stats["verification_success_rate"],
@@ -95,6 +97,9 @@ def main() -> None:
                "verified_tokens": stats["verified_tokens"], "steps": stats["num_steps"]}
         if "calibration" in stats:
             row["calibration_ece"] = stats["calibration"]["ece"]
+        cost = CostModel.load(args.profile_path) if args.profile_path else None
+        if cost is not None:  # decode steps timed by the profile instead of the clock (no machine noise)
+            row["modelled_decode_tokens_per_s"] = stats["emitted_tokens"] / cost.replay(llm.engine.step_trace)
         if cfg["spec_method"] != "none" and args.oracle_prompts:
             oracle = LLM(args.model, spec_shadow_oracle=True, **engine_kw)
             if "calibration" in stats:  # same learned state as the measured run
