@@ -33,8 +33,8 @@ if step spec_methods; then
     | grep --line-buffered -v torn | tee $R/spec_methods_cpu.log
 fi
 if step concurrency; then
-  python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --min-prompts 16 --prompts-per-seq 2 --max-output 64 \
-    --methods none,fixed-k1,fixed-k2,fixed-k3,fixed-k4,tetris-k1-e1,tetris-k2-e1,dsd,tetris-auto --profile $PROFILE \
+  python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --min-prompts 8 --prompts-per-seq 1 --max-output 32 \
+    --methods none,fixed-k1,fixed-k2,tetris-k1-e1,tetris-k2-e1,dsd,tetris-auto --profile $PROFILE \
     --out $R/concurrency_cpu 2>&1 | grep --line-buffered -v torn | tee $R/concurrency_cpu.log
 fi
 if step auto_oracle; then
