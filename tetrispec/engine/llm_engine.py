@@ -224,20 +224,14 @@ class LLMEngine:
     def _verify(self, items: list[ForwardItem], seqs: list[Sequence], proposal, lengths: torch.Tensor,
                 verify_lens: list[int], oracle: bool) -> rejection_sampler.Verdict:
         """One ragged target forward over every request's last token and its verified drafts."""
-        B, K = proposal.tokens.shape
-        starts = [0, *itertools.accumulate(n + 1 for n in verify_lens)]
-        if proposal.probs is None and all(s.params.greedy for s in seqs):
+        K = proposal.depth
+        if proposal.probs is None:  # every request is greedy (see Proposal.probs)
             flat, _ = self.target.forward_greedy(items, "all")  # [sum(l_i + 1)]
-            target = flat.new_zeros(B, K + 1)  # ragged rows -> [B, K + 1]; entries past l_i are never read
-            for i, n in enumerate(verify_lens):
-                target[i, : n + 1] = flat[starts[i] : starts[i + 1]]
+            target = _pad_ragged(flat, verify_lens, K + 1)
             return rejection_sampler.verify_greedy(target, proposal.tokens, lengths, oracle)
         logits = self.target.forward(items, "all")  # [sum(l_i + 1), V]
         row_params = [s.params for s, n in zip(seqs, verify_lens) for _ in range(n + 1)]
-        flat_probs = logits_to_probs(logits, row_params)
-        p = flat_probs.new_zeros(B, K + 1, flat_probs.shape[-1])
-        for i, n in enumerate(verify_lens):
-            p[i, : n + 1] = flat_probs[starts[i] : starts[i + 1]]
+        p = _pad_ragged(logits_to_probs(logits, row_params), verify_lens, K + 1)
         u = draw_uniforms(seqs, K + 1, self.generator, p.device)  # K + 1 draws per step whatever l_i is
         return rejection_sampler.verify(p, proposal.tokens, proposal.probs, lengths.to(p.device),
                                         u[:, :K], u[:, K], oracle=oracle)
@@ -305,3 +299,13 @@ class LLMEngine:
         if isinstance(self.selector, AutoTetris):
             out["calibration"] = self.selector.calibration()
         return out
+
+
+def _pad_ragged(flat: torch.Tensor, lens: list[int], width: int) -> torch.Tensor:
+    """Rows of request i (l_i + 1 of them, back to back in flat) -> [B, width, ...]; the rest stay zero, unread."""
+    out = flat.new_zeros(len(lens), width, *flat.shape[1:])
+    start = 0
+    for i, n in enumerate(lens):
+        out[i, : n + 1] = flat[start : start + n + 1]
+        start += n + 1
+    return out
