@@ -43,30 +43,48 @@ def test_isotonic_is_monotone_and_weighted():
     assert isotonic([0.5, 0.2], [3, 1]) == pytest.approx([0.425, 0.425])
 
 
-def test_estimator_converges_to_a_known_acceptance_curve():
+def test_estimator_converges_to_a_known_acceptance_curve_per_position():
     g = torch.Generator().manual_seed(1)
-    est = AcceptanceEstimator(num_bins=20, warmup=2000)
-    truth = lambda q: 0.1 + 0.8 * q**2  # noqa: E731 - the draft is over-confident at low q
-    for _ in range(60):
+    est = AcceptanceEstimator(num_bins=20, positions=3, warmup=2000)
+    # the draft is over-confident at low q, and a token deeper in an accepted prefix is easier
+    truth = lambda q, pos: (0.1 + 0.8 * q**2 + 0.05 * pos).clamp(max=1.0)  # noqa: E731
+    for _ in range(120):
         q = torch.rand(500, generator=g)
-        est.update(q, (torch.rand(500, generator=g) < truth(q)).float())
+        pos = torch.randint(0, 4, (500,), generator=g)  # positions 2 and 3 share the last table
+        est.update(q, pos, (torch.rand(500, generator=g) < truth(q, pos.clamp(max=2))).float())
     grid = torch.linspace(0.025, 0.975, 20)
-    assert (est.estimate(grid) - truth(grid)).abs().max() < 0.05
+    for pos in range(3):
+        assert (est.estimate(grid, pos) - truth(grid, pos)).abs().max() < 0.06
+    assert (est.estimate(grid, 1) - est.estimate(grid, 0)).mean() > 0.03  # the position effect is learned
+    assert torch.equal(est.estimate(grid, 7), est.estimate(grid, 2))
     rel = est.reliability()
-    assert rel["ece"] is not None and rel["ece"] < 0.05
-    assert sum(r["count"] for r in rel["table"]) == 60 * 500 - 2000
+    assert rel["ece"] is not None and rel["ece"] < 0.03
+    assert len(rel["table"]) <= 10
+    assert sum(r["count"] for r in rel["table"]) == 120 * 500 - 2000
+
+
+def test_estimate_drafts_reads_columns_as_positions():
+    est = AcceptanceEstimator(positions=2)
+    est.update(torch.full((400,), 0.55), torch.zeros(400, dtype=torch.long), torch.zeros(400))
+    est.update(torch.full((400,), 0.55), torch.ones(400, dtype=torch.long), torch.ones(400))
+    out = est.estimate_drafts(torch.full((3, 3), 0.55))
+    assert out[:, 0].max() < 0.2 and out[:, 1:].min() > 0.8
 
 
 def test_estimator_starts_from_the_draft_probability_and_persists(tmp_path):
     est = AcceptanceEstimator()
     q = torch.tensor([0.125, 0.525, 0.925])
-    assert est.estimate(q).tolist() == pytest.approx(q.tolist(), abs=0.03)
-    est.update(torch.full((100,), 0.9), torch.zeros(100))
-    assert float(est.estimate(torch.tensor([0.9]))) < 0.4  # pooled with the bins around it: stays monotone
-    assert (est.table.diff() >= 0).all()
+    assert est.estimate(q, 0).tolist() == pytest.approx(q.tolist(), abs=0.03)
+    est.update(torch.full((100,), 0.9), torch.zeros(100, dtype=torch.long), torch.zeros(100))
+    assert float(est.estimate(torch.tensor([0.9]), 0)) < 0.4  # pooled with the bins around it: stays monotone
+    assert (est.table.diff(dim=1) >= 0).all()
     other = AcceptanceEstimator()
     other.load_state(est.state())
     assert torch.equal(other.table, est.table)
+    old_format = {"num_bins": 20, "trials": [0.0] * 20, "accepts": [0.0] * 20}  # before positions: ignored
+    fresh = AcceptanceEstimator()
+    fresh.load_state(old_format)
+    assert fresh.seen == 0
 
 
 def test_auto_tetris_selects_prefixes_within_capacity():
@@ -91,7 +109,7 @@ def test_auto_tetris_learns_from_outcomes():
     assert int(sel.select(logprobs, BatchInfo(4, 10)).sum()) == 8  # before: the draft's own belief pays
     for _ in range(50):  # drafts at q = 0.9 are always rejected
         sel.observe(logprobs, [2, 2, 2, 2], [0, 0, 0, 0])
-    assert float(sel.estimator.estimate(torch.tensor([0.9]))) < 0.3
+    assert float(sel.estimator.estimate(torch.tensor([0.9]), 0)) < 0.3
     assert int(sel.select(logprobs, BatchInfo(4, 10)).sum()) == 0
 
 
