@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tetrispec.spec.cost_model import CostModel, PiecewiseLinear, fit_piecewise
+from tetrispec.spec.cost_model import CostModel, PiecewiseLinear, StepRecord, fit_piecewise
 
 
 def truth(n: float, ctx: float) -> float:
@@ -55,5 +55,6 @@ def test_vectorized_evaluation_and_round_trip(tmp_path):
 
 def test_replay_sums_predicted_step_times():
     model = CostModel.linear(0.01, 0.001, draft_fixed=0.002)
-    trace = [(4, 4, 0, 100.0), (4, 10, 3, 100.0)]  # a plain step, then 6 drafts verified after depth 3
+    # a plain step, then 6 drafts verified after depth 3; the measured seconds play no part
+    trace = [StepRecord(4, 4, 0, 100.0, 9.0), StepRecord(4, 10, 3, 100.0, 9.0)]
     assert model.replay(trace) == pytest.approx((0.01 + 0.004) + (0.01 + 0.010) + 3 * 0.002)

@@ -7,6 +7,7 @@ happening. Sampling: token frequencies match target-only sampling.
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 import torch
@@ -70,9 +71,10 @@ def test_tetris_respects_capacity(tiny_pair, monkeypatch):
     llm.generate(mixed_prompts(8), GREEDY)
     assert seen
     # the step trace (for CostModel.replay) holds every decode step: B + sum(l_i) target tokens
-    spec_steps = [t for t in llm.engine.step_trace if t[2] > 0]
+    spec_steps = [t for t in llm.engine.step_trace if t.depth > 0]
     assert len(llm.engine.step_trace) == llm.spec_stats()["num_steps"]
-    assert [(B, tokens - B, depth) for B, tokens, depth, _ in spec_steps] == [(B, n, K) for n, B, K, _ in seen]
+    assert [(t.batch_size, t.tokens - t.batch_size, t.depth) for t in spec_steps] == [(B, n, K) for n, B, K, _ in seen]
+    assert all(t.seconds > 0 for t in llm.engine.step_trace)
     for total, B, K, _ in seen:
         assert total <= 2 * B
         assert K == (4 if B >= 2 else 2)
@@ -84,6 +86,22 @@ def test_default_method_is_tetris_with_a_draft_and_none_turns_it_off(tiny_pair):
     assert LLM(tiny_pair[0], speculative_model=tiny_pair[1]).engine.selector.name == "tetris"
     llm = LLM(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="none")
     assert llm.engine.draft is None and llm.spec_stats()["method"] == "none"
+
+
+def test_set_speculation_swaps_methods_on_one_engine(tiny_pair, target_greedy, tmp_path):
+    llm = LLM(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="fixed", num_speculative_tokens=2,
+              max_num_seqs=8, profile_path=str(tmp_path / "profile.json"))
+    spec = llm.engine.config.spec
+    for method, kw in [("none", {}), ("dsd", dict(dsd_max_k=3)), ("tetris", dict(tetris_capacity="auto"))]:
+        llm.engine.set_speculation(dataclasses.replace(spec, method=method, **kw))
+        assert llm.engine.selector.name == {"tetris": "tetris-auto"}.get(method, method)
+        outs = llm.generate(mixed_prompts(8), GREEDY)
+        assert [o.token_ids for o in outs] == target_greedy[:8]
+    with pytest.raises(ValueError, match="spec method"):
+        llm.engine.set_speculation(dataclasses.replace(spec, method="bogus"))
+    plain = LLM(tiny_pair[0], spec_method="none")
+    with pytest.raises(ValueError, match="needs a draft"):
+        plain.engine.set_speculation(dataclasses.replace(spec, method="fixed"))
 
 
 def test_draft_with_other_vocabulary_is_rejected(tiny_pair, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tetrispec.config import DEFAULT, EngineConfig
+from tetrispec.config import DEFAULT, EngineConfig, SpecConfig
 from tetrispec.engine.block_manager import BlockManager
 from tetrispec.engine.sampler import draw_uniforms, logits_to_probs, sample
 from tetrispec.engine.scheduler import Scheduler
@@ -20,7 +20,7 @@ from tetrispec.model.tokenizer import IncrementalDetokenizer
 from tetrispec.sampling_params import SamplingParams
 from tetrispec.spec import rejection_sampler
 from tetrispec.spec.auto_capacity import AutoTetris
-from tetrispec.spec.cost_model import load_or_profile
+from tetrispec.spec.cost_model import StepRecord, load_or_profile
 from tetrispec.spec.proposer import DraftProposer
 from tetrispec.spec.selectors import DSD, BatchInfo, make_selector
 from tetrispec.spec.stats import SpecStats
@@ -62,8 +62,8 @@ class LLMEngine:
         if draft is not None:
             block_bytes += ModelRunner.bytes_per_block(draft, config.block_size, dtype)
         num_blocks = config.num_kv_blocks or int(config.kv_cache_memory_gb * 2**30 // block_bytes)
-        self.selector = make_selector(config.spec, has_draft=draft is not None)
-        min_blocks = -(-(self.max_model_len + self.selector.max_depth + 1) // config.block_size)
+        max_depth = make_selector(config.spec, has_draft=draft is not None).max_depth
+        min_blocks = -(-(self.max_model_len + max_depth + 1) // config.block_size)
         if num_blocks < min_blocks:
             raise ValueError(f"KV cache of {num_blocks} blocks cannot hold one sequence of max_model_len "
                              f"{self.max_model_len}; raise kv_cache_memory_gb or num_kv_blocks")
@@ -73,21 +73,15 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.proposer = DraftProposer(self.draft, self.generator) if self.draft else None
-        if isinstance(self.selector, (DSD, AutoTetris)):
-            profile = self.profile_path()
-            self.selector.attach_cost_model(
-                load_or_profile(profile, self.target, self.draft, config.max_num_seqs, self.selector.max_depth,
-                                self.block_manager.num_blocks * config.block_size))
-            if isinstance(self.selector, AutoTetris):
-                self.selector.persist_to(profile.with_suffix(".calibration.json"))
+        self.set_speculation(config.spec)
         self.stats = SpecStats()
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(target.config.eos_token_ids)
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
-        # Opt-in (benchmarks set a list): (batch size, B + selected drafts, draft depth, mean context)
-        # of every decode step, for CostModel.replay's machine-noise-free step times.
-        self.step_trace: list[tuple[int, int, int, float]] | None = None
+        # Opt-in (benchmarks set a list): one StepRecord per decode step, for measured decode
+        # throughput and CostModel.replay's machine-noise-free step times.
+        self.step_trace: list[StepRecord] | None = None
 
     # ---- set-up -------------------------------------------------------------------------
     def _load_draft(self, dtype: torch.dtype, device: torch.device):
@@ -105,6 +99,26 @@ class LLMEngine:
         if draft.config.vocab_size != self.model_config.vocab_size:
             raise ValueError(f"draft vocab_size {draft.config.vocab_size} != target's {self.model_config.vocab_size}")
         return draft
+
+    def set_speculation(self, spec: SpecConfig) -> None:
+        """Build the selector for a speculation config (the draft stays loaded).
+
+        Called at start-up; benchmarks also call it between runs to compare methods on one
+        loaded engine (same weights, caches and threads). Only between runs: a selector's
+        depth must fit the lookahead reserved for running requests.
+        """
+        spec.validate()
+        if self.draft is None and spec.method not in (None, "none"):
+            raise ValueError(f"--spec-method {spec.method} needs a draft model (--speculative-model)")
+        self.config.spec = spec
+        self.selector = make_selector(spec, has_draft=self.draft is not None)
+        if isinstance(self.selector, (DSD, AutoTetris)):
+            profile = self.profile_path()
+            self.selector.attach_cost_model(
+                load_or_profile(profile, self.target, self.draft, self.config.max_num_seqs, self.selector.max_depth,
+                                self.block_manager.num_blocks * self.config.block_size))
+            if isinstance(self.selector, AutoTetris):
+                self.selector.persist_to(profile.with_suffix(".calibration.json"))
 
     def profile_path(self) -> Path:
         """Where the step-time profile is cached: per model pair, device, dtype and threads."""
@@ -155,6 +169,7 @@ class LLMEngine:
             self._prefill(seqs)
         else:
             info = BatchInfo(len(seqs), sum(s.num_tokens for s in seqs) / len(seqs))
+            start = time.perf_counter()
             depth = self.selector.depth(info) if self.draft and batch.lookahead_ok else 0
             if depth:
                 tokens, depth = self._speculate(seqs, depth, info)
@@ -162,7 +177,9 @@ class LLMEngine:
                 self._decode(seqs)
                 tokens = len(seqs)
             if self.step_trace is not None:
-                self.step_trace.append((len(seqs), tokens, depth, info.mean_len))
+                # the results were read back (tolist), so the clock covers the device's work too
+                self.step_trace.append(StepRecord(len(seqs), tokens, depth, info.mean_len,
+                                                  time.perf_counter() - start))
         for seq in seqs:
             if seq.is_finished:
                 self.scheduler.finish(seq)

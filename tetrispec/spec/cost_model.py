@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -22,6 +23,16 @@ from tqdm import tqdm
 from tetrispec.model.model_runner import ForwardItem, ModelRunner
 
 FORMAT = 2  # bumped when the saved fields change; an older cached profile is rebuilt
+
+
+class StepRecord(NamedTuple):
+    """One decode step as the engine ran it (LLMEngine.step_trace)."""
+
+    batch_size: int
+    tokens: int  # target query tokens: B + selected drafts
+    depth: int  # draft forwards run
+    mean_len: float  # mean context per sequence
+    seconds: float  # wall time of the step, draft catch-up included
 
 
 @dataclass
@@ -70,11 +81,11 @@ class CostModel:
         """A step that drafts k per request and verifies all of them (k = 0: plain decode)."""
         return self.target_time(batch_size * (k + 1), mean_len) + k * self.draft_time(batch_size, mean_len)
 
-    def replay(self, trace: list[tuple[int, int, int, float]]) -> float:
+    def replay(self, trace: list[StepRecord]) -> float:
         """Predicted seconds of a run's decode steps (LLMEngine.step_trace): the same steps timed
         by the profile instead of the clock, which compares methods free of machine noise."""
-        return sum(self.target_time(tokens, ctx) + depth * self.draft_time(batch, ctx)
-                   for batch, tokens, depth, ctx in trace)
+        return sum(self.target_time(r.tokens, r.mean_len) + r.depth * self.draft_time(r.batch_size, r.mean_len)
+                   for r in trace)
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
