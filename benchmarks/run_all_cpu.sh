@@ -28,14 +28,14 @@ if step sweep; then
     --profile-path $PROFILE --no-progress 2>&1 | tail -40 > $R/sweep_cpu_small.log
 fi
 if step spec_methods; then
-  python benchmarks/spec_methods.py --num-prompts 200 --oracle-prompts 32 --max-output 48 --max-num-seqs 32 \
+  python benchmarks/spec_methods.py --num-prompts 200 --rounds 2 --oracle-prompts 32 --max-output 32 --max-num-seqs 32 \
     --ks 1,2,3,4 --es 1,2,3 --auto --profile-path $PROFILE --out $R/spec_methods_cpu.json 2>&1 \
     | grep --line-buffered -v torn | tee $R/spec_methods_cpu.log
 fi
 if step concurrency; then
-  python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --min-prompts 8 --prompts-per-seq 1 --max-output 32 \
-    --methods none,fixed-k1,fixed-k2,tetris-k1-e1,tetris-k2-e1,dsd,tetris-auto --profile $PROFILE \
-    --out $R/concurrency_cpu 2>&1 | grep --line-buffered -v torn | tee $R/concurrency_cpu.log
+  rm -f $R/concurrency_cpu/results.json  # the script resumes from it; a fresh sweep starts empty
+  python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --min-prompts 8 --prompts-per-seq 2 --rounds 2 \
+    --max-output 64 --profile $PROFILE --out $R/concurrency_cpu 2>&1 | grep --line-buffered -v torn | tee $R/concurrency_cpu.log
 fi
 if step auto_oracle; then
   python benchmarks/auto_oracle.py --num-prompts 64 --max-output 64 --profile-path $PROFILE \

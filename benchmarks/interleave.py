@@ -1,0 +1,98 @@
+"""Compare speculation methods on one loaded engine, interleaved in rounds.
+
+A 2-core VM's speed drifts by tens of percent over an hour, more than the few percent that
+separate methods. So every method runs on the same engine (same weights, caches, threads;
+only the selector is swapped), the prompts are split into rounds, and each round runs every
+method on that round's prompts, in reverse order every other round (A B C, C B A): drift lands
+on all methods alike, and
+totals are summed over rounds. Selectors keep their learned state from round to round.
+
+Three throughputs per method:
+- measured output tokens/s: wall clock of the whole runs, prefill included;
+- measured decode tokens/s: tokens emitted by decode steps over the wall time of those steps
+  (draft forwards and catch-ups included; prefill, identical for every method, left out);
+- modelled decode tokens/s: the same steps timed by the profiled cost model (no machine noise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from tetrispec import LLM, SamplingParams
+from tetrispec.config import SpecConfig
+from tetrispec.spec.cost_model import CostModel
+from tetrispec.spec.stats import SpecStats
+
+
+@dataclass
+class Tally:
+    seconds: float = 0.0
+    output_tokens: int = 0
+    decode_seconds: float = 0.0
+    modelled_seconds: float = 0.0
+    stats: SpecStats = field(default_factory=SpecStats)
+
+    def summary(self) -> dict:
+        s = self.stats.summary()
+        out = {"seconds": round(self.seconds, 2), "output_tokens": self.output_tokens,
+               "tokens_per_s": round(self.output_tokens / self.seconds, 2),
+               "decode_tokens_per_s": round(s["emitted_tokens"] / self.decode_seconds, 2),
+               "vsr": s["verification_success_rate"], "draft_acceptance_rate": s["draft_acceptance_rate"],
+               "accepted_per_step": s["accepted_tokens"] / max(1, s["num_steps"]),
+               "mean_accepted_length": s["mean_accepted_length"], "system_efficiency": s["system_efficiency"],
+               "verified_tokens": s["verified_tokens"], "accepted_tokens": s["accepted_tokens"],
+               "steps": s["num_steps"]}
+        if self.modelled_seconds:
+            out["modelled_decode_tokens_per_s"] = round(s["emitted_tokens"] / self.modelled_seconds, 2)
+        return out
+
+
+class MethodSwitch:
+    """Puts one method's selector on the engine, building it once and reusing it afterwards."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self.selectors = {}
+
+    def use(self, name: str, spec: SpecConfig) -> None:
+        engine = self.llm.engine
+        if name in self.selectors:
+            engine.config.spec, engine.selector = spec, self.selectors[name]
+        else:
+            engine.set_speculation(spec)
+            self.selectors[name] = engine.selector
+
+
+def run_once(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], cost: CostModel | None,
+             tally: Tally) -> None:
+    engine = llm.engine
+    engine.stats, engine.step_trace = SpecStats(), []
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    tally.seconds += time.perf_counter() - start
+    tally.output_tokens += sum(len(o.token_ids) for o in outs)
+    tally.decode_seconds += sum(r.seconds for r in engine.step_trace)
+    if cost is not None:
+        tally.modelled_seconds += cost.replay(engine.step_trace)
+    tally.stats.merge(engine.stats)
+
+
+def compare(llm: LLM, methods: dict[str, dict], rounds: list[tuple[list, list]], cost: CostModel | None,
+            switch: MethodSwitch | None = None) -> dict[str, Tally]:
+    """methods: name -> SpecConfig fields over the engine's own (e.g. method="fixed", num_speculative_tokens=2)."""
+    switch = switch or MethodSwitch(llm)
+    base = llm.engine.config.spec
+    specs = {name: dataclasses.replace(base, **kw) for name, kw in methods.items()}
+    names = list(methods)
+    tallies = {name: Tally() for name in names}
+    warm = SamplingParams(temperature=0, max_tokens=8)
+    for name in names:  # build every selector (and any lazy allocation) outside the timed runs
+        switch.use(name, specs[name])
+        llm.generate([rounds[0][0][0]], warm, use_tqdm=False)
+    for r, (prompts, params) in enumerate(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:  # A B C, C B A, ...: linear drift cancels
+            switch.use(name, specs[name])
+            run_once(llm, prompts, params, cost, tallies[name])
+    return tallies
