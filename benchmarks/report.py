@@ -28,11 +28,12 @@ def spec_methods() -> None:
     if not p.exists():
         return
     rows = json.loads(p.read_text())["rows"]
-    print("| config | tok/s | modelled decode tok/s | VSR | accepted / step | mean accepted len | system eff. "
-          "| verified | oracle eff. |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| config | tok/s | decode tok/s | modelled decode tok/s | VSR | accepted / step | mean accepted len "
+          "| system eff. | verified | oracle eff. |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['config']} | {r['tokens_per_s']:.1f} | {fmt(r.get('modelled_decode_tokens_per_s'), 1)} | "
+        print(f"| {r['config']} | {r['tokens_per_s']:.1f} | {fmt(r.get('decode_tokens_per_s'), 1)} | "
+              f"{fmt(r.get('modelled_decode_tokens_per_s'), 1)} | "
               f"{fmt(r['vsr'])} | {r['accepted_per_step']:.2f} | {fmt(r['mean_accepted_length'])} | "
               f"{fmt(r['system_efficiency'])} | {r['verified_tokens']} | {fmt(r.get('oracle_efficiency'))} |")
 
@@ -42,8 +43,9 @@ def concurrency() -> None:
     if not p.exists():
         return
     rows = json.loads(p.read_text())
-    for key, title in (("tokens_per_s", "measured output tokens/s"),
-                       ("modelled_decode_tokens_per_s", "modelled decode tokens/s (profiled step times)")):
+    for key, title in (("decode_tokens_per_s", "measured decode tokens/s (decode steps' wall time)"),
+                       ("modelled_decode_tokens_per_s", "modelled decode tokens/s (profiled step times)"),
+                       ("tokens_per_s", "measured output tokens/s (prefill included)")):
         if not any(key in r for r in rows):
             continue
         print(f"\n{title}\n")
@@ -52,7 +54,8 @@ def concurrency() -> None:
     if auto:
         print("\nauto capacity: VSR " + ", ".join(f"c={r['concurrency']}: {fmt(r['vsr'], 2)}" for r in auto)
               + "; verified tokens " + ", ".join(str(r["verified_tokens"]) for r in auto)
-              + "; ECE " + ", ".join(fmt(r.get("calibration_ece"), 3) for r in auto))
+              + "; ECE " + ", ".join(fmt(r.get("calibration_ece"), 3) for r in auto)
+              + " after " + ", ".join(str(r.get("calibration_observations")) for r in auto) + " outcomes")
 
 
 def grid_table(rows: list[dict], key: str) -> None:

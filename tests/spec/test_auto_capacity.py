@@ -121,3 +121,20 @@ def test_probes_back_off_while_drafting_does_not_pay():
     assert gaps[:5] == [9, 17, 33, 65, 65]  # wait 4, 8, 16, 32, then capped at 16 x 4 = 64 plain steps
     sel.cost = cost(per_token=0.0)  # verification becomes free: drafting resumes at once, back-off reset
     assert sel.depth(batch) == 3 and sel.probe_interval == 4
+
+
+def test_auto_tetris_persists_calibration_and_depth_means(tmp_path):
+    path = tmp_path / "profile.calibration.json"
+    sel = AutoTetris(max_depth=3, cost=cost(per_token=0.01))
+    sel.persist_to(path)
+    logprobs = torch.log(torch.full((50, 3), 0.3))
+    for _ in range(25):  # 1,250 outcomes (one per row: the first draft is rejected): written to disk
+        sel.select(logprobs, BatchInfo(50, 10))
+        sel.observe(logprobs, [3] * 50, [0] * 50)
+    assert path.exists()
+    again = AutoTetris(max_depth=4, cost=cost(per_token=0.01))
+    again.persist_to(path)
+    assert float(again.estimator.estimate(torch.tensor([0.28]), 0)) < 0.01  # learned (saved at 1,000 outcomes)
+    assert AcceptanceEstimator().estimate(torch.tensor([0.28]), 0) > 0.25
+    assert again.level_means[:3] == pytest.approx(sel.level_means, abs=0.05) and again.level_means[0] < 0.1
+    assert again.level_means[3] <= again.level_means[2]  # deeper than saved: capped by the level above

@@ -155,10 +155,17 @@ class AutoTetris(Selector):
         self.last_capacity = 0
 
     def persist_to(self, path: Path) -> None:
-        """Keep the calibration beside the cost profile: load it now, save it as it learns."""
+        """Keep the calibration (and the typical acceptance per depth) beside the cost profile:
+        load it now, save it as it learns. A restarted server then neither re-learns the
+        estimator nor drafts on the optimistic prior until the per-depth means have decayed."""
         self.state_path = path
         if path.exists():
-            self.estimator.load_state(json.loads(path.read_text()))
+            state = json.loads(path.read_text())
+            self.estimator.load_state(state)
+            for j, m in enumerate(state.get("level_means", [])[: self.max_depth]):
+                self.level_means[j] = float(m)
+            for j in range(1, self.max_depth):  # deeper than what was saved: no more than the level above
+                self.level_means[j] = min(self.level_means[j], self.level_means[j - 1])
 
     # --- how deep to draft -------------------------------------------------------------
     def depth(self, batch: BatchInfo) -> int:
@@ -227,7 +234,7 @@ class AutoTetris(Selector):
             self.estimator.update(torch.cat(qs), torch.cat(positions), torch.cat(outcomes))
             if self.state_path and self.estimator.seen // 1000 != before // 1000:
                 self.state_path.parent.mkdir(parents=True, exist_ok=True)
-                self.state_path.write_text(json.dumps(self.estimator.state()))
+                self.state_path.write_text(json.dumps({**self.estimator.state(), "level_means": self.level_means}))
 
     def calibration(self) -> dict:
         out = self.estimator.reliability()
