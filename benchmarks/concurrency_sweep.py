@@ -75,8 +75,8 @@ def main() -> None:
         switch = MethodSwitch(llm)
         tallies = compare(llm, methods, rounds, cost, switch)
         for name, tally in tallies.items():
-            row = {"method": name, "concurrency": c, "prompts": n * args.rounds, "rounds": args.rounds,
-                   **tally.summary()}
+            row = {"method": name, "selector": switch.selectors[name].name, "concurrency": c,
+                   "prompts": n * args.rounds, "rounds": args.rounds, **tally.summary()}
             if name == "tetris-auto":
                 cal = switch.selectors[name].calibration()
                 row["calibration_ece"], row["calibration_observations"] = cal["ece"], cal["observations"]

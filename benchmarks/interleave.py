@@ -16,7 +16,6 @@ Three throughputs per method:
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -81,10 +80,11 @@ def run_once(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], c
 
 def compare(llm: LLM, methods: dict[str, dict], rounds: list[tuple[list, list]], cost: CostModel | None,
             switch: MethodSwitch | None = None) -> dict[str, Tally]:
-    """methods: name -> SpecConfig fields over the engine's own (e.g. method="fixed", num_speculative_tokens=2)."""
+    """methods: name -> SpecConfig fields (e.g. method="fixed", num_speculative_tokens=2); the rest default."""
     switch = switch or MethodSwitch(llm)
-    base = llm.engine.config.spec
-    specs = {name: dataclasses.replace(base, **kw) for name, kw in methods.items()}
+    base = llm.engine.config.spec  # only its draft and profile carry over; every other field is the method's
+    specs = {name: SpecConfig(speculative_model=base.speculative_model, profile_path=base.profile_path, **kw)
+             for name, kw in methods.items()}
     names = list(methods)
     tallies = {name: Tally() for name in names}
     warm = SamplingParams(temperature=0, max_tokens=8)

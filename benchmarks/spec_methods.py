@@ -14,7 +14,6 @@ drafted token, which costs time but does not change what is selected or emitted)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from interleave import MethodSwitch, Tally, compare, run_once
 
 from tetrispec import LLM, SamplingParams
 from tetrispec.bench.datasets import load_dataset
+from tetrispec.config import SpecConfig
 from tetrispec.spec.cost_model import CostModel
 
 
@@ -85,13 +85,14 @@ def main() -> None:
     rows = []
     base = llm.engine.config.spec
     for name, cfg in methods.items():
-        row = {"config": name, **cfg, **tallies[name].summary()}
         selector = switch.selectors[name]
+        row = {"config": name, "selector": selector.name, **cfg, **tallies[name].summary()}
         if name == "tetris-auto":
             row["calibration_ece"] = selector.calibration()["ece"]
             row["calibration_observations"] = selector.calibration()["observations"]
         if cfg["method"] != "none" and args.oracle_prompts:
-            switch.use(name, dataclasses.replace(base, shadow_oracle=True, **cfg))
+            switch.use(name, SpecConfig(speculative_model=base.speculative_model, profile_path=base.profile_path,
+                                        shadow_oracle=True, **cfg))
             oracle = Tally()
             run_once(llm, prompts[: args.oracle_prompts], params[: args.oracle_prompts], None, oracle)
             row["oracle_efficiency"] = oracle.stats.summary()["oracle_efficiency"]
