@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tetrispec.model.attention import LONG_QUERY, AttentionMetadata, paged_attention
+from tetrispec.model.attention import LONG_QUERY, AttentionMetadata, paged_attention, partition_by_context
 
 N_HEADS, N_KV, HD, BS = 4, 2, 8, 4
 
@@ -28,8 +28,30 @@ def dense_reference(q, keys, values, scale):
     [LONG_QUERY + 3, LONG_QUERY + 9],  # fresh prompts and a long query over cached context
 ])
 def test_matches_dense_attention(query_lens):
-    g = torch.Generator().manual_seed(sum(query_lens))
     cached = [0 if q > LONG_QUERY and i % 2 == 0 else 5 + 3 * i for i, q in enumerate(query_lens)]
+    meta = check_against_dense(query_lens, cached)
+    assert (meta.spans is not None) == (max(query_lens) > LONG_QUERY)
+    assert meta.buckets is None  # similar short contexts: one gather for the batch
+
+
+def test_mixed_contexts_are_bucketed_and_still_exact():
+    # long and short contexts interleaved in the batch order, with ragged verify queries
+    meta = check_against_dense([1, 2, 1, 3, 1, 1], [700, 3, 650, 9, 2, 690])
+    assert meta.buckets is not None and len(meta.buckets) == 2
+    rows = sorted(t for r, _ in meta.buckets for t in r.tolist())
+    assert rows == list(range(9))
+    assert meta.gather_blocks == max(m.block_index.numel() for _, m in meta.buckets)
+
+
+def test_partition_by_context():
+    assert partition_by_context([10] * 8, 16, 512) == [list(range(8))]
+    groups = partition_by_context([2, 60, 3, 58, 1], 16, 512)
+    assert groups == [[4, 0, 2], [3, 1]]
+    assert partition_by_context([2, 60], 16, call_cost=10**6) == [[0, 1]]  # calls too dear: one bucket
+
+
+def check_against_dense(query_lens: list[int], cached: list[int]) -> AttentionMetadata:
+    g = torch.Generator().manual_seed(sum(query_lens))
     context = [c + q for c, q in zip(cached, query_lens)]
     num_blocks = sum(-(-c // BS) for c in context) + 3
     k_cache = torch.zeros(num_blocks * BS, N_KV, HD)
@@ -45,7 +67,6 @@ def test_matches_dense_attention(query_lens):
         slots = torch.tensor([table[p // BS] * BS + p % BS for p in range(c)], dtype=torch.long)
         k_cache[slots], v_cache[slots] = keys[:c], values[:c]
     meta = AttentionMetadata.build(query_lens, context, tables, BS, torch.device("cpu"))
-    assert (meta.spans is not None) == (max(query_lens) > LONG_QUERY)
     q = torch.randn(sum(query_lens), N_HEADS, HD, generator=g)
     k = torch.cat([fk[c:] for fk, c in zip(full_k, cached)])
     v = torch.cat([fv[c:] for fv, c in zip(full_v, cached)])
@@ -55,3 +76,4 @@ def test_matches_dense_attention(query_lens):
         expected = dense_reference(q[start : start + n], fk, fv, HD**-0.5)
         torch.testing.assert_close(out[start : start + n], expected, atol=1e-5, rtol=1e-5)
         start += n
+    return meta

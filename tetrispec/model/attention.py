@@ -5,7 +5,10 @@ The cache of one layer is a flat pool of slots [num_slots, n_kv, head_dim]; a sl
 block_id * block_size + offset. Two paths, chosen once per step for all layers:
 - short queries (decode, verify: at most LONG_QUERY tokens per sequence): the slot index of
   every key each sequence sees, padded to the longest context, and a causal mask; each layer
-  does one gather and one SDPA call for the whole batch;
+  does one gather and one SDPA call per bucket of sequences. Padding every row to the longest
+  context makes one 1,000-token prompt cost 32 x 1,000 keys in a batch of 32 short ones, so the
+  sequences are sorted by context and cut into buckets where the keys saved pay for the extra
+  call (partition_by_context);
 - any longer query (prefill, a draft catching up): one SDPA call per sequence, so that one
   long prompt does not pad every other sequence's query rows. A fresh prompt attends over its
   own new keys (no cache gather at all); a query with cached context gathers its own blocks.
@@ -20,6 +23,28 @@ import torch
 import torch.nn.functional as F
 
 LONG_QUERY = 16  # a sequence with more new tokens than this sends the step to the per-sequence path
+CALL_COST_KEYS = 512  # one more gather + SDPA call per layer costs about as much as this many padded keys
+
+
+def partition_by_context(num_blocks: list[int], block_size: int, call_cost: int) -> list[list[int]]:
+    """Sequences (given their context in blocks) grouped into buckets of similar context.
+
+    Sorted by context, a bucket of sequences i..j-1 costs (j - i) x its longest context in
+    gathered keys, plus call_cost for its own call; the cheapest cut is a small dynamic program.
+    """
+    order = sorted(range(len(num_blocks)), key=num_blocks.__getitem__)
+    keys = [num_blocks[i] * block_size for i in order]
+    best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            c = best[i] + (j - i) * keys[j - 1] + call_cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], len(order)
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
 
 
 @dataclass
@@ -42,10 +67,20 @@ class AttentionMetadata:
     max_q: int
     # Per-sequence path (long queries): one SeqSpan per sequence, None on the batched path.
     spans: list[SeqSpan] | None = None
+    # Batched path cut into buckets of similar context: (token rows of the bucket in the flat
+    # batch, the bucket's own metadata); None when the whole batch is one bucket.
+    buckets: list[tuple[torch.Tensor, AttentionMetadata]] | None = None
     # Reused buffers the gathered keys and values are written into (flat, at least
-    # B * max_blocks * block_size * n_kv * head_dim each): writing into memory that is already
+    # gather_blocks * block_size * n_kv * head_dim each): writing into memory that is already
     # mapped costs about half of allocating fresh multi-megabyte tensors every layer.
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def gather_blocks(self) -> int:
+        """Blocks the largest single gather reads (buckets run one after another)."""
+        if self.buckets is not None:
+            return max(m.block_index.numel() for _, m in self.buckets)
+        return self.block_index.numel()
 
     def grouped_mask(self, n_rep: int) -> torch.Tensor | None:
         """The mask for n_rep query heads folded into the query rows (cached per n_rep)."""
@@ -64,6 +99,7 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device,
+        bucket: bool = True,
     ) -> AttentionMetadata:
         """query_lens[i] new tokens of sequence i end at context_lens[i] (cache included)."""
         B = len(query_lens)
@@ -88,6 +124,18 @@ class AttentionMetadata:
                      for q, c, t, end in zip(query_lens, context_lens, block_tables, ends)]
             empty = torch.empty(0, dtype=torch.long, device=device)
             return cls(slot_mapping, empty, block_size, None, None, None, B, max_q, spans=spans)
+        if bucket and B > 1:
+            groups = partition_by_context([-(-c // block_size) for c in context_lens], block_size, CALL_COST_KEYS)
+            if len(groups) > 1:
+                starts = [0, *itertools.accumulate(query_lens)]
+                buckets = []
+                for g in groups:
+                    rows = torch.tensor([t for i in g for t in range(starts[i], starts[i + 1])], device=device)
+                    sub = cls.build([query_lens[i] for i in g], [context_lens[i] for i in g],
+                                    [block_tables[i] for i in g], block_size, device, bucket=False)
+                    buckets.append((rows, sub))
+                empty = torch.empty(0, dtype=torch.long, device=device)
+                return cls(slot_mapping, empty, block_size, None, None, None, B, max_q, buckets=buckets)
         uniform = all(q == max_q for q in query_lens)
         mask = None
         if not (uniform and max_q == 1 and all(c == max_l for c in context_lens)):
@@ -112,12 +160,24 @@ def paged_attention(
     v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.spans is not None:
         return _per_sequence_attention(q, k, v, k_cache, v_cache, meta, scale)
+    if meta.buckets is None:
+        return _batched_attention(q, k_cache, v_cache, meta, scale, meta.workspace)
+    out = torch.empty_like(q)
+    for rows, sub in meta.buckets:
+        out.index_copy_(0, rows, _batched_attention(q.index_select(0, rows), k_cache, v_cache, sub, scale,
+                                                    meta.workspace))
+    return out
+
+
+def _batched_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                       scale: float, workspace: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """One gather of every sequence's blocks (padded to the longest) and one SDPA call."""
     B, Q = meta.num_seqs, meta.max_q
-    n_heads, n_kv, hd = q.shape[1], k.shape[1], q.shape[2]
+    n_heads, n_kv, hd = q.shape[1], k_cache.shape[1], q.shape[2]
     n_rep = n_heads // n_kv
     bs = meta.block_size
     keys, values = (_gather(cache.view(-1, bs, n_kv, hd), meta.block_index, buf).view(B, -1, n_kv, hd).transpose(1, 2)
-                    for cache, buf in zip((k_cache, v_cache), meta.workspace or (None, None)))
+                    for cache, buf in zip((k_cache, v_cache), workspace or (None, None)))
     if meta.q_batch is None:
         queries = q.view(B, Q, n_heads, hd)
     else:

@@ -59,7 +59,7 @@ class ModelRunner:
         context_lens = [it.start + q for it, q in zip(items, query_lens)]
         meta = AttentionMetadata.build(query_lens, context_lens, [it.block_table for it in items],
                                        self.block_size, self.device)
-        meta.workspace = self._workspace(meta.block_index.numel())
+        meta.workspace = self._workspace(meta.gather_blocks)
         flat = [t for it in items for t in it.tokens]
         positions = [p for it, q in zip(items, query_lens) for p in range(it.start, it.start + q)]
         input_ids = torch.tensor(flat, dtype=torch.long, device=self.device)
