@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tetrispec.spec.auto_capacity import AcceptanceEstimator, AutoTetris, best_capacity
-from tetrispec.spec.cost_model import CostModel, isotonic
+from tetrispec.spec.cost_model import CostModel, StepRecord, isotonic
 from tetrispec.spec.selectors import BatchInfo
 
 
@@ -138,3 +138,21 @@ def test_auto_tetris_persists_calibration_and_depth_means(tmp_path):
     assert AcceptanceEstimator().estimate(torch.tensor([0.28]), 0) > 0.25
     assert again.level_means[:3] == pytest.approx(sel.level_means, abs=0.05) and again.level_means[0] < 0.1
     assert again.level_means[3] <= again.level_means[2]  # deeper than saved: capped by the level above
+
+
+def test_measured_step_times_reprice_speculation():
+    model = cost(per_token=0.002, fixed=0.05, draft=0.002)
+    sel = AutoTetris(max_depth=2, cost=model)
+    batch = BatchInfo(8, 100)
+    assert sel.depth(batch) == 2  # by the profile, drafting pays
+    for _ in range(100):  # plain steps run as profiled, speculative ones twice as slow
+        sel.observe_step(StepRecord(8, 8, 0, 100.0, model.target_time(8, 100.0)))
+        spec_time = model.target_time(16, 100.0) + model.draft_time(8, 100.0)
+        sel.observe_step(StepRecord(8, 16, 1, 100.0, 2 * spec_time))
+    assert sel.spec_time_penalty == pytest.approx(2.0, rel=0.02)
+    assert sel.depth(batch) == 0
+    for _ in range(100):  # the whole machine slows down alike: no penalty
+        sel.observe_step(StepRecord(8, 8, 0, 100.0, 1.5 * model.target_time(8, 100.0)))
+        sel.observe_step(StepRecord(8, 16, 1, 100.0, 1.5 * spec_time))
+    assert sel.spec_time_penalty == pytest.approx(1.0, rel=0.02)
+    assert sel.depth(batch) == 2

@@ -176,10 +176,11 @@ class LLMEngine:
             else:
                 self._decode(seqs)
                 tokens = len(seqs)
+            # the results were read back (tolist), so the clock covers the device's work too
+            record = StepRecord(len(seqs), tokens, depth, info.mean_len, time.perf_counter() - start)
+            self.selector.observe_step(record)
             if self.step_trace is not None:
-                # the results were read back (tolist), so the clock covers the device's work too
-                self.step_trace.append(StepRecord(len(seqs), tokens, depth, info.mean_len,
-                                                  time.perf_counter() - start))
+                self.step_trace.append(record)
         for seq in seqs:
             if seq.is_finished:
                 self.scheduler.finish(seq)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tetrispec.spec.cost_model import CostModel, isotonic
+from tetrispec.spec.cost_model import CostModel, StepRecord, isotonic
 from tetrispec.spec.selectors import BatchInfo, Selector
 
 
@@ -153,6 +153,8 @@ class AutoTetris(Selector):
         self.level_means = [0.5] * max_depth  # EMA of the mean cumulative estimate per depth
         self.steps_without_draft = 0
         self.last_capacity = 0
+        # measured / profiled step time, for plain and for speculative steps (EMA)
+        self.time_ratio = {"plain": 1.0, "spec": 1.0}
 
     def persist_to(self, path: Path) -> None:
         """Keep the calibration (and the typical acceptance per depth) beside the cost profile:
@@ -183,7 +185,7 @@ class AutoTetris(Selector):
         for d in range(1, self.max_depth + 1):
             cumulative += self.level_means[d - 1]
             time = d * self.cost.draft_time(B, s) + self.cost.target_time(B * (d + 1), s)
-            best = max(best, (B + B * cumulative) / time)
+            best = max(best, (B + B * cumulative) / (time * self.spec_time_penalty))
         if best > plain:
             self.steps_without_draft = 0
             self.probe_interval = self.probe_every
@@ -194,6 +196,25 @@ class AutoTetris(Selector):
             return self.max_depth
         self.steps_without_draft += 1
         return 0
+
+    @property
+    def spec_time_penalty(self) -> float:
+        """How much slower speculative steps run than the profile says, relative to plain steps.
+
+        The profile times bare forwards; a speculative step also pays for draft catch-ups,
+        selection, verification bookkeeping and rollback, and the machine may have drifted since
+        profiling. Both ratios are measured in the same run, so drift common to both cancels.
+        """
+        return self.time_ratio["spec"] / self.time_ratio["plain"]
+
+    def observe_step(self, record: StepRecord) -> None:
+        if self.cost is None:
+            return
+        predicted = (self.cost.target_time(record.tokens, record.mean_len)
+                     + record.depth * self.cost.draft_time(record.batch_size, record.mean_len))
+        kind = "spec" if record.depth else "plain"
+        ratio = min(max(record.seconds / predicted, 0.25), 4.0)  # one outlier (a GC pause) moves it little
+        self.time_ratio[kind] = 0.95 * self.time_ratio[kind] + 0.05 * ratio
 
     def keep_going(self, batch: BatchInfo):
         def decide(logprobs: torch.Tensor) -> bool:  # [B, j] drafted so far

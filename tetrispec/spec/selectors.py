@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tetrispec.spec.cost_model import CostModel
+from tetrispec.spec.cost_model import CostModel, StepRecord
 
 
 @dataclass
@@ -48,6 +48,9 @@ class Selector:
 
     def observe(self, proposal_logprobs: torch.Tensor, lengths: list[int], accepted: list[int]) -> None:
         """Outcome of a speculative step, for selectors that learn."""
+
+    def observe_step(self, record: StepRecord) -> None:
+        """Wall time of every decode step (plain or speculative), for selectors that price steps."""
 
     def keep_going(self, batch: BatchInfo):
         """Optional early stop for drafting (see proposer.KeepGoing); None drafts the full depth."""
