@@ -141,18 +141,25 @@ def test_auto_tetris_persists_calibration_and_depth_means(tmp_path):
 
 
 def test_measured_step_times_reprice_speculation():
-    model = cost(per_token=0.002, fixed=0.05, draft=0.002)
+    model = cost(per_token=0.002, fixed=0.05, draft=0.006)
     sel = AutoTetris(max_depth=2, cost=model)
     batch = BatchInfo(8, 100)
     assert sel.depth(batch) == 2  # by the profile, drafting pays
-    for _ in range(100):  # plain steps run as profiled, speculative ones twice as slow
-        sel.observe_step(StepRecord(8, 8, 0, 100.0, model.target_time(8, 100.0)))
-        spec_time = model.target_time(16, 100.0) + model.draft_time(8, 100.0)
-        sel.observe_step(StepRecord(8, 16, 1, 100.0, 2 * spec_time))
-    assert sel.spec_time_penalty == pytest.approx(2.0, rel=0.02)
+    plain_t, verify_t, draft_t = model.target_time(8, 100.0), model.target_time(16, 100.0), model.draft_time(8, 100.0)
+    for _ in range(100):  # plain steps run as profiled; drafting and verification twice as slow
+        sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
+        sel.observe_step(StepRecord(8, 16, 1, 100.0, 2 * (verify_t + draft_t), 2 * draft_t))
+    assert sel.time_ratio == pytest.approx({"plain": 1.0, "draft": 2.0, "verify": 2.0}, rel=0.02)
     assert sel.depth(batch) == 0
-    for _ in range(100):  # the whole machine slows down alike: no penalty
-        sel.observe_step(StepRecord(8, 8, 0, 100.0, 1.5 * model.target_time(8, 100.0)))
-        sel.observe_step(StepRecord(8, 16, 1, 100.0, 1.5 * spec_time))
-    assert sel.spec_time_penalty == pytest.approx(1.0, rel=0.02)
+    for _ in range(100):  # the whole machine slows down alike: speculation pays again
+        sel.observe_step(StepRecord(8, 8, 0, 100.0, 1.5 * plain_t))
+        sel.observe_step(StepRecord(8, 16, 1, 100.0, 1.5 * (verify_t + draft_t), 1.5 * draft_t))
+    assert sel.time_ratio == pytest.approx({"plain": 1.5, "draft": 1.5, "verify": 1.5}, rel=0.02)
     assert sel.depth(batch) == 2
+    for _ in range(200):  # a slow draft alone makes deep drafting stop sooner
+        sel.observe_step(StepRecord(8, 16, 1, 100.0, 1.5 * verify_t + 40 * draft_t, 40 * draft_t))
+    fresh = AutoTetris(max_depth=2, cost=model)
+    verdicts = [(fresh.keep_going(batch)(torch.log(torch.full((8, 1), q))), sel.keep_going(batch)(torch.log(
+        torch.full((8, 1), q)))) for q in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
+    assert all(profiled or not slow for profiled, slow in verdicts)
+    assert any(profiled and not slow for profiled, slow in verdicts)

@@ -125,7 +125,7 @@ class AcceptanceEstimator:
 
 
 def best_capacity(values: torch.Tensor, batch_size: int, fixed_time: float, cost: CostModel,
-                  mean_len: float) -> tuple[int, float]:
+                  mean_len: float, verify_scale: float = 1.0) -> tuple[int, float]:
     """values: estimated acceptance of every candidate token (sorted or not).
 
     Returns (C, rate): the C best tokens maximize (B + their sum) / (fixed_time + verify(B + C)).
@@ -133,7 +133,7 @@ def best_capacity(values: torch.Tensor, batch_size: int, fixed_time: float, cost
     v = values.flatten().sort(descending=True).values.double()
     gains = torch.cat([torch.zeros(1, dtype=torch.float64), v.cumsum(0)])  # [N + 1]
     c = torch.arange(gains.numel(), dtype=torch.float64)
-    times = fixed_time + cost.target_time(batch_size + c, mean_len)
+    times = fixed_time + verify_scale * cost.target_time(batch_size + c, mean_len)
     rates = (batch_size + gains) / times
     best = int(rates.argmax())
     return best, float(rates[best])
@@ -153,8 +153,8 @@ class AutoTetris(Selector):
         self.level_means = [0.5] * max_depth  # EMA of the mean cumulative estimate per depth
         self.steps_without_draft = 0
         self.last_capacity = 0
-        # measured / profiled step time, for plain and for speculative steps (EMA)
-        self.time_ratio = {"plain": 1.0, "spec": 1.0}
+        # measured / profiled time (EMA) of plain steps, of drafting, and of the rest of a speculative step
+        self.time_ratio = {"plain": 1.0, "draft": 1.0, "verify": 1.0}
 
     def persist_to(self, path: Path) -> None:
         """Keep the calibration (and the typical acceptance per depth) beside the cost profile:
@@ -179,13 +179,14 @@ class AutoTetris(Selector):
         next (up to 16x), because a probe makes the draft catch up on every running request.
         """
         B, s = batch.batch_size, batch.mean_len
-        plain = B / self.cost.target_time(B, s)
+        r = self.time_ratio
+        plain = B / (r["plain"] * self.cost.target_time(B, s))
         best = plain
         cumulative = 0.0
         for d in range(1, self.max_depth + 1):
             cumulative += self.level_means[d - 1]
-            time = d * self.cost.draft_time(B, s) + self.cost.target_time(B * (d + 1), s)
-            best = max(best, (B + B * cumulative) / (time * self.spec_time_penalty))
+            time = r["draft"] * d * self.cost.draft_time(B, s) + r["verify"] * self.cost.target_time(B * (d + 1), s)
+            best = max(best, (B + B * cumulative) / time)
         if best > plain:
             self.steps_without_draft = 0
             self.probe_interval = self.probe_every
@@ -197,34 +198,34 @@ class AutoTetris(Selector):
         self.steps_without_draft += 1
         return 0
 
-    @property
-    def spec_time_penalty(self) -> float:
-        """How much slower speculative steps run than the profile says, relative to plain steps.
-
-        The profile times bare forwards; a speculative step also pays for draft catch-ups,
-        selection, verification bookkeeping and rollback, and the machine may have drifted since
-        profiling. Both ratios are measured in the same run, so drift common to both cancels.
-        """
-        return self.time_ratio["spec"] / self.time_ratio["plain"]
-
     def observe_step(self, record: StepRecord) -> None:
+        """Track how the real steps compare with the profile: plain steps, drafting, and the rest of a
+        speculative step. The profile times bare forwards; a speculative step also pays for draft
+        catch-ups, selection and rollback, and the machine may have drifted since profiling. All
+        three are measured in the same run, so drift common to them cancels in the comparison.
+        """
         if self.cost is None:
             return
-        predicted = (self.cost.target_time(record.tokens, record.mean_len)
-                     + record.depth * self.cost.draft_time(record.batch_size, record.mean_len))
-        kind = "spec" if record.depth else "plain"
-        ratio = min(max(record.seconds / predicted, 0.25), 4.0)  # one outlier (a GC pause) moves it little
-        self.time_ratio[kind] = 0.95 * self.time_ratio[kind] + 0.05 * ratio
+        B, s = record.batch_size, record.mean_len
+        if record.depth == 0:
+            parts = [("plain", record.seconds, self.cost.target_time(record.tokens, s))]
+        else:
+            parts = [("draft", record.draft_seconds, record.depth * self.cost.draft_time(B, s)),
+                     ("verify", record.seconds - record.draft_seconds, self.cost.target_time(record.tokens, s))]
+        for kind, measured, predicted in parts:
+            ratio = min(max(measured / predicted, 0.25), 8.0)  # one outlier (a GC pause) moves it little
+            self.time_ratio[kind] = 0.95 * self.time_ratio[kind] + 0.05 * ratio
 
     def keep_going(self, batch: BatchInfo):
         def decide(logprobs: torch.Tensor) -> bool:  # [B, j] drafted so far
             B, j = logprobs.shape
             cum = self.estimator.estimate_drafts(logprobs.exp()).cumprod(1)
-            draft_t = self.cost.draft_time(B, batch.mean_len)
-            _, rate_now = best_capacity(cum, B, j * draft_t, self.cost, batch.mean_len)
+            draft_t = self.time_ratio["draft"] * self.cost.draft_time(B, batch.mean_len)
+            scale = self.time_ratio["verify"]
+            _, rate_now = best_capacity(cum, B, j * draft_t, self.cost, batch.mean_len, scale)
             optimistic_next = cum[:, -1] * self.estimator.max_estimate
             _, rate_next = best_capacity(torch.cat([cum.flatten(), optimistic_next]), B, (j + 1) * draft_t,
-                                         self.cost, batch.mean_len)
+                                         self.cost, batch.mean_len, scale)
             return rate_next > rate_now
 
         return decide
@@ -235,8 +236,8 @@ class AutoTetris(Selector):
         cum = self.estimator.estimate_drafts(draft_logprobs.exp()).cumprod(1)  # [B, K] P(token accepted)
         for j in range(K):
             self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * float(cum[:, j].mean())
-        draft_t = K * self.cost.draft_time(B, batch.mean_len)
-        capacity, _ = best_capacity(cum, B, draft_t, self.cost, batch.mean_len)
+        draft_t = K * self.time_ratio["draft"] * self.cost.draft_time(B, batch.mean_len)
+        capacity, _ = best_capacity(cum, B, draft_t, self.cost, batch.mean_len, self.time_ratio["verify"])
         self.last_capacity = capacity
         # the same position-major stable order as tetris_select: prefixes, ties to shallow
         order = torch.sort(cum.t().reshape(-1), descending=True, stable=True).indices[:capacity]

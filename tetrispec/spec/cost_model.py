@@ -33,6 +33,7 @@ class StepRecord(NamedTuple):
     depth: int  # draft forwards run
     mean_len: float  # mean context per sequence
     seconds: float  # wall time of the step, draft catch-up included
+    draft_seconds: float = 0.0  # of which drafting (catch-up and draft forwards)
 
 
 @dataclass
