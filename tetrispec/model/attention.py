@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 LONG_QUERY = 16  # a sequence with more new tokens than this sends the step to the per-sequence path
-CALL_COST_KEYS = 512  # one more gather + SDPA call per layer costs about as much as this many padded keys
+CALL_COST_KEYS = 2048  # one more gather + SDPA call per layer costs about as much as this many padded keys
 
 
 def partition_by_context(num_blocks: list[int], block_size: int, call_cost: int) -> list[list[int]]:
