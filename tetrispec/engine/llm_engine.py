@@ -171,14 +171,15 @@ class LLMEngine:
             info = BatchInfo(len(seqs), sum(s.num_tokens for s in seqs) / len(seqs))
             start = time.perf_counter()
             depth = self.selector.depth(info) if self.draft and batch.lookahead_ok else 0
-            draft_seconds = 0.0
+            draft_seconds = catch_up_seconds = 0.0
             if depth:
-                tokens, depth, draft_seconds = self._speculate(seqs, depth, info)
+                tokens, depth, draft_seconds, catch_up_seconds = self._speculate(seqs, depth, info)
             else:
                 self._decode(seqs)
                 tokens = len(seqs)
             # the results were read back (tolist), so the clock covers the device's work too
-            record = StepRecord(len(seqs), tokens, depth, info.mean_len, time.perf_counter() - start, draft_seconds)
+            record = StepRecord(len(seqs), tokens, depth, info.mean_len, time.perf_counter() - start, draft_seconds,
+                                catch_up_seconds)
             self.selector.observe_step(record)
             if self.step_trace is not None:
                 self.step_trace.append(record)
@@ -214,12 +215,14 @@ class LLMEngine:
             for st in (s.spec, self.stats):
                 st.record(0, 0, 0, emitted)
 
-    def _speculate(self, seqs: list[Sequence], depth: int, info: BatchInfo) -> tuple[int, int, float]:
-        """One speculative step; returns (B + selected drafts, draft depth actually run, drafting seconds)."""
+    def _speculate(self, seqs: list[Sequence], depth: int, info: BatchInfo) -> tuple[int, int, float, float]:
+        """One speculative step; returns (B + selected drafts, draft depth actually run, seconds of the draft
+        forwards, seconds of a separate catch-up forward)."""
         B = len(seqs)
         start = time.perf_counter()
         proposal = self.proposer.propose(seqs, depth, self.selector.keep_going(info))
-        draft_seconds = time.perf_counter() - start  # the proposal was read back (tolist) by the selector
+        # the proposal was read back (tolist) by the selector
+        draft_seconds = time.perf_counter() - start - proposal.catch_up_seconds
         K = proposal.depth
         lengths = self.selector.select(proposal.logprobs, info).clamp(max=K)  # [B]
         shadow = self.config.spec.shadow_oracle
@@ -241,7 +244,7 @@ class LLMEngine:
             for st in (s.spec, self.stats):
                 st.record(K, int(lengths[i]), a, emitted)
         # what the method verifies (the shadow oracle's extra is measurement)
-        return B + int(lengths.sum()), K, draft_seconds
+        return B + int(lengths.sum()), K, draft_seconds, proposal.catch_up_seconds
 
     def _verify(self, items: list[ForwardItem], seqs: list[Sequence], proposal, lengths: torch.Tensor,
                 verify_lens: list[int], oracle: bool) -> rejection_sampler.Verdict:

@@ -200,9 +200,12 @@ class AutoTetris(Selector):
 
     def observe_step(self, record: StepRecord) -> None:
         """Track how the real steps compare with the profile: plain steps, drafting, and the rest of a
-        speculative step. The profile times bare forwards; a speculative step also pays for draft
-        catch-ups, selection and rollback, and the machine may have drifted since profiling. All
-        three are measured in the same run, so drift common to them cancels in the comparison.
+        speculative step. The profile times bare forwards; a speculative step also pays for selection,
+        verification bookkeeping and rollback, and the machine may have drifted since profiling. All
+        three are measured in the same run, so drift common to them cancels in the comparison. A
+        separate draft catch-up (the draft reading a prompt, or the tokens of a pause in drafting) is
+        left out: it is paid once per lag, not per step, and counting it would make a selector that
+        pauses drafting see every resumption as dear and never resume.
         """
         if self.cost is None:
             return
@@ -211,7 +214,8 @@ class AutoTetris(Selector):
             parts = [("plain", record.seconds, self.cost.target_time(record.tokens, s))]
         else:
             parts = [("draft", record.draft_seconds, record.depth * self.cost.draft_time(B, s)),
-                     ("verify", record.seconds - record.draft_seconds, self.cost.target_time(record.tokens, s))]
+                     ("verify", record.seconds - record.draft_seconds - record.catch_up_seconds,
+                      self.cost.target_time(record.tokens, s))]
         for kind, measured, predicted in parts:
             ratio = min(max(measured / predicted, 0.25), 8.0)  # one outlier (a GC pause) moves it little
             self.time_ratio[kind] = 0.95 * self.time_ratio[kind] + 0.05 * ratio

@@ -33,7 +33,8 @@ class StepRecord(NamedTuple):
     depth: int  # draft forwards run
     mean_len: float  # mean context per sequence
     seconds: float  # wall time of the step, draft catch-up included
-    draft_seconds: float = 0.0  # of which drafting (catch-up and draft forwards)
+    draft_seconds: float = 0.0  # of which the draft forwards (K levels, short catch-ups inline)
+    catch_up_seconds: float = 0.0  # of which a separate draft catch-up over long lags (prompts, pauses)
 
 
 @dataclass

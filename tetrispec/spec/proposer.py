@@ -9,6 +9,7 @@ forward of its own first, so that one request's prompt does not pad every other 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ class Proposal:
     tokens: torch.Tensor  # [B, K] proposed tokens
     logprobs: torch.Tensor  # [B, K] log-confidence of each proposed token (log softmax for greedy requests)
     probs: torch.Tensor | None  # [B, K, V] draft distributions; None when every request is greedy
+    catch_up_seconds: float = 0.0  # wall time of the separate catch-up forward (long lags), if any
 
     @property
     def depth(self) -> int:
@@ -46,11 +48,16 @@ class DraftProposer:
         greedy = all(p.greedy for p in params)
         tokens, logprobs, probs = [], [], []
         lagging = [s for s in seqs if s.num_tokens - s.num_draft_cached > INLINE_CATCH_UP]
+        catch_up_seconds = 0.0
         if lagging:
+            start = time.perf_counter()
             self.runner.forward([ForwardItem(s.token_ids[s.num_draft_cached : -1], s.num_draft_cached, s.block_table)
                                  for s in lagging], "none")
             for s in lagging:
                 s.num_draft_cached = s.num_tokens - 1
+            if self.runner.device.type == "cuda":
+                torch.cuda.synchronize()
+            catch_up_seconds = time.perf_counter() - start
         items = [ForwardItem(s.token_ids[s.num_draft_cached:], s.num_draft_cached, s.block_table) for s in seqs]
         for j in range(depth):
             if greedy:
@@ -72,7 +79,8 @@ class DraftProposer:
         for s in seqs:
             s.num_draft_cached = s.num_tokens + len(tokens) - 1
         return Proposal(
-            torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(probs, 1) if probs else None
+            torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(probs, 1) if probs else None,
+            catch_up_seconds,
         )
 
     @staticmethod
