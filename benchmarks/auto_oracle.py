@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from interleave import chat_requests
+
 from tetrispec import LLM, SamplingParams
 from tetrispec.bench.datasets import load_dataset
 from tetrispec.spec.cost_model import CostModel
@@ -50,9 +52,7 @@ def main() -> None:
     probe = LLM(spec_method="none", max_num_seqs=1)
     tok = probe.tokenizer
     reqs = load_dataset("sharegpt", None, tok, num_requests=args.num_prompts, seed=1)
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": r.prompt}]), add_special_tokens=False)
-               for r in reqs]
-    params = [SamplingParams(temperature=0, max_tokens=min(r.output_len, args.max_output)) for r in reqs]
+    prompts, params = chat_requests(tok, reqs, args.max_output)
     del probe
     common = dict(spec_method="tetris", num_speculative_tokens=args.k, tetris_extra_proposals=args.e,
                   max_num_seqs=args.max_num_seqs)

@@ -17,9 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-from interleave import MethodSwitch, compare
+from interleave import MethodSwitch, chat_requests, compare
 
-from tetrispec import LLM, SamplingParams
+from tetrispec import LLM
 from tetrispec.bench.datasets import load_dataset
 from tetrispec.spec.cost_model import CostModel
 
@@ -67,9 +67,7 @@ def main() -> None:
                   max_num_seqs=c, profile_path=args.profile)
         tok = llm.tokenizer
         reqs = load_dataset("sharegpt", None, tok, num_requests=need, seed=0)
-        prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": r.prompt}]),
-                              add_special_tokens=False) for r in reqs]
-        params = [SamplingParams(temperature=0, max_tokens=min(r.output_len, args.max_output)) for r in reqs]
+        prompts, params = chat_requests(tok, reqs, args.max_output)
         n = max(args.min_prompts, args.prompts_per_seq * c)
         rounds = [(prompts[i * n:(i + 1) * n], params[i * n:(i + 1) * n]) for i in range(args.rounds)]
         switch = MethodSwitch(llm)

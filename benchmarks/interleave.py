@@ -20,9 +20,25 @@ import time
 from dataclasses import dataclass, field
 
 from tetrispec import LLM, SamplingParams
+from tetrispec.bench.datasets import BenchRequest
 from tetrispec.config import SpecConfig
 from tetrispec.spec.cost_model import CostModel
 from tetrispec.spec.stats import SpecStats
+
+
+def chat_requests(tokenizer, reqs: list[BenchRequest], max_output: int) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Each request's first turn in the chat template as token ids, and greedy parameters with the
+    dataset's output length capped at max_output."""
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": r.prompt}]),
+                                add_special_tokens=False) for r in reqs]
+    params = [SamplingParams(temperature=0, max_tokens=min(r.output_len, max_output)) for r in reqs]
+    return prompts, params
+
+
+def method_spec(base: SpecConfig, **fields) -> SpecConfig:
+    """A method's speculation config: the engine's draft and profile, every other field the method's own
+    or the default (a field left over from the engine's own method must not leak in)."""
+    return SpecConfig(speculative_model=base.speculative_model, profile_path=base.profile_path, **fields)
 
 
 @dataclass
@@ -82,9 +98,7 @@ def compare(llm: LLM, methods: dict[str, dict], rounds: list[tuple[list, list]],
             switch: MethodSwitch | None = None) -> dict[str, Tally]:
     """methods: name -> SpecConfig fields (e.g. method="fixed", num_speculative_tokens=2); the rest default."""
     switch = switch or MethodSwitch(llm)
-    base = llm.engine.config.spec  # only its draft and profile carry over; every other field is the method's
-    specs = {name: SpecConfig(speculative_model=base.speculative_model, profile_path=base.profile_path, **kw)
-             for name, kw in methods.items()}
+    specs = {name: method_spec(llm.engine.config.spec, **kw) for name, kw in methods.items()}
     names = list(methods)
     tallies = {name: Tally() for name in names}
     warm = SamplingParams(temperature=0, max_tokens=8)

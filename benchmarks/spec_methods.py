@@ -17,11 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
-from interleave import MethodSwitch, Tally, compare, run_once
+from interleave import MethodSwitch, Tally, chat_requests, compare, method_spec, run_once
 
-from tetrispec import LLM, SamplingParams
+from tetrispec import LLM
 from tetrispec.bench.datasets import load_dataset
-from tetrispec.config import SpecConfig
 from tetrispec.spec.cost_model import CostModel
 
 
@@ -72,9 +71,7 @@ def main() -> None:
     llm = LLM(args.model, **kw)
     tok = llm.tokenizer
     reqs = load_dataset("sharegpt", None, tok, num_requests=args.num_prompts, seed=0)
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": r.prompt}]), add_special_tokens=False)
-               for r in reqs]
-    params = [SamplingParams(temperature=0, max_tokens=min(r.output_len, args.max_output)) for r in reqs]
+    prompts, params = chat_requests(tok, reqs, args.max_output)
     n = -(-len(prompts) // args.rounds)
     rounds = [(prompts[i * n:(i + 1) * n], params[i * n:(i + 1) * n]) for i in range(args.rounds)]
     cost = CostModel.load(args.profile_path) if args.profile_path else None
@@ -88,11 +85,10 @@ def main() -> None:
         selector = switch.selectors[name]
         row = {"config": name, "selector": selector.name, **cfg, **tallies[name].summary()}
         if name == "tetris-auto":
-            row["calibration_ece"] = selector.calibration()["ece"]
-            row["calibration_observations"] = selector.calibration()["observations"]
+            cal = selector.calibration()
+            row["calibration_ece"], row["calibration_observations"] = cal["ece"], cal["observations"]
         if cfg["method"] != "none" and args.oracle_prompts:
-            switch.use(name, SpecConfig(speculative_model=base.speculative_model, profile_path=base.profile_path,
-                                        shadow_oracle=True, **cfg))
+            switch.use(name, method_spec(base, shadow_oracle=True, **cfg))
             oracle = Tally()
             run_once(llm, prompts[: args.oracle_prompts], params[: args.oracle_prompts], None, oracle)
             row["oracle_efficiency"] = oracle.stats.summary()["oracle_efficiency"]
