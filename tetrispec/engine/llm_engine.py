@@ -221,7 +221,8 @@ class LLMEngine:
         B = len(seqs)
         start = time.perf_counter()
         proposal = self.proposer.propose(seqs, depth, self.selector.keep_going(info))
-        # the proposal was read back (tolist) by the selector
+        if self.device.type == "cuda":  # not every selector reads the proposal back: wait for the draft here
+            torch.cuda.synchronize()
         draft_seconds = time.perf_counter() - start - proposal.catch_up_seconds
         K = proposal.depth
         lengths = self.selector.select(proposal.logprobs, info).clamp(max=K)  # [B]

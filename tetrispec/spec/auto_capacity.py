@@ -52,6 +52,10 @@ class AcceptanceEstimator:
         self.rel_hits = [0.0] * reliability_bins
         self._refit()
 
+    def _row(self, positions: torch.Tensor | int) -> torch.Tensor:
+        """The table of each position (the last one serves every deeper position)."""
+        return torch.as_tensor(positions).cpu().clamp(max=self.positions - 1)
+
     def _bin(self, q: torch.Tensor, bins: int) -> torch.Tensor:
         return (q * bins).long().clamp_(0, bins - 1)
 
@@ -68,8 +72,7 @@ class AcceptanceEstimator:
         """q: draft probabilities of proposed tokens (any shape); positions: their depth in the draft
         (0 = first), same shape or an int -> acceptance estimates."""
         q = q.float().cpu()
-        pos = torch.as_tensor(positions).cpu().clamp(max=self.positions - 1).expand_as(q)
-        return self.table[pos, self._bin(q, self.num_bins)]
+        return self.table[self._row(positions).expand_as(q), self._bin(q, self.num_bins)]
 
     def estimate_drafts(self, q: torch.Tensor) -> torch.Tensor:
         """q [B, K]: each request's draft, position j in column j."""
@@ -91,8 +94,8 @@ class AcceptanceEstimator:
                 self.rel_pred[b] += p
                 self.rel_hits[b] += o
         self.seen += q.numel()
-        pos = positions.cpu().clamp(max=self.positions - 1).tolist()
-        for p, b, o in zip(pos, self._bin(q.float().cpu(), self.num_bins).tolist(), outcomes.tolist()):
+        rows = self._row(positions).tolist()
+        for p, b, o in zip(rows, self._bin(q.float().cpu(), self.num_bins).tolist(), outcomes.tolist()):
             self.trials[p][b] += 1
             self.accepts[p][b] += o
         self._refit()
