@@ -43,5 +43,5 @@ def test_profile_writes_a_cost_model(tiny_pair, tmp_path, capsys):
             "--max-num-seqs", "2", "--dsd-max-k", "2"]
     assert main(argv) == 0
     cost = json.loads(path.read_text())
-    assert cost["format"] == 2 and cost["target"]["knots"] and cost["draft"]["knots"]
+    assert cost["format"] == 3 and cost["target"]["values"] and cost["draft"]["knots"]
     assert main(argv) == 0 and "profile exists" in capsys.readouterr().out

@@ -33,7 +33,7 @@ def test_capacity_matches_brute_force_in_between():
         cm = cost(per_token=float(torch.rand(1, generator=g)) * 0.02, fixed=0.05)
         c, rate = best_capacity(values, 6, 0.01, cm, 50)
         v = values.flatten().sort(descending=True).values
-        rates = [(6 + float(v[:k].sum())) / (0.01 + cm.target_time(6 + k, 50)) for k in range(19)]
+        rates = [(6 + float(v[:k].sum())) / (0.01 + cm.target_time(6, 6 + k, 50)) for k in range(19)]
         assert rate == pytest.approx(max(rates))
         assert rates[c] == pytest.approx(max(rates))
 
@@ -145,7 +145,8 @@ def test_measured_step_times_reprice_speculation():
     sel = AutoTetris(max_depth=2, cost=model)
     batch = BatchInfo(8, 100)
     assert sel.depth(batch) == 2  # by the profile, drafting pays
-    plain_t, verify_t, draft_t = model.target_time(8, 100.0), model.target_time(16, 100.0), model.draft_time(8, 100.0)
+    plain_t, verify_t = model.target_time(8, 8, 100.0), model.target_time(8, 16, 100.0)
+    draft_t = model.draft_time(8, 100.0)
     for _ in range(100):  # plain steps run as profiled; drafting and verification twice as slow
         sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
         sel.observe_step(StepRecord(8, 16, 1, 100.0, 2 * (verify_t + draft_t), 2 * draft_t))

@@ -1,35 +1,64 @@
-"""The piecewise-linear step-time model recovers flat-then-linear costs from noisy timings."""
+"""The step-time model recovers memory-bound-then-linear costs, per batch size, from noisy timings."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tetrispec.spec.cost_model import CostModel, PiecewiseLinear, StepRecord, fit_piecewise
+from tetrispec.spec.cost_model import CostModel, PiecewiseLinear, StepRecord, VerifyGrid, fit_grid, fit_piecewise
 
 
-def truth(n: float, ctx: float) -> float:
-    """Memory-bound up to 8 tokens (flat), then compute-bound (linear), plus attention."""
-    return 0.05 + 0.004 * max(0.0, n - 8) + 2e-6 * n * ctx
+def truth(b: float, q: float, ctx: float) -> float:
+    """b sequences with q query tokens each: a per-sequence cost (its cache read and bookkeeping),
+    memory-bound matmuls up to 8 tokens in all (flat), then compute-bound (linear), plus scores."""
+    n = b * q
+    return 0.05 + 0.003 * b + 0.004 * max(0.0, n - 8) + 3e-6 * b * ctx + 1e-6 * n * ctx
 
 
-def test_fit_recovers_a_memory_bound_then_linear_curve():
-    g = torch.Generator().manual_seed(0)
-    xs, cs, ys = [], [], []
-    for n in (1, 2, 4, 8, 16, 32, 64):
-        for ctx in (64, 256, 768):
-            xs.append(n)
-            cs.append(ctx)
-            ys.append(truth(n, ctx) * (1 + 0.01 * float(torch.randn(1, generator=g))))
-    model = fit_piecewise(xs, cs, ys)
-    for n in (1, 3, 8, 12, 48, 64, 96):
-        for ctx in (100, 500):
-            assert abs(model(n, ctx) - truth(n, ctx)) / truth(n, ctx) < 0.05, (n, ctx)
-    # the first extra tokens are nearly free, unlike under a straight line through all points
-    assert model(4, 300) - model(1, 300) < 0.1 * (model(64, 300) - model(32, 300))
+def noisy_grid(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    bs, qs, cs, ys = [], [], [], []
+    for b in (1, 2, 4, 8, 16, 32):
+        for q in (1, 2, 3, 5):
+            for ctx in (64, 256, 768):
+                bs.append(b)
+                qs.append(q)
+                cs.append(ctx)
+                ys.append(truth(b, q, ctx) * (1 + 0.01 * float(torch.randn(1, generator=g))))
+    return bs, qs, cs, ys
 
 
-def test_fit_is_monotone_and_never_negative_under_noise():
+def test_grid_recovers_per_sequence_and_per_token_costs():
+    grid = fit_grid(*noisy_grid())
+    for b in (1, 3, 8, 20, 32):
+        for n_per_seq in (1.0, 1.5, 2.0, 4.0, 5.0):
+            for ctx in (100, 500):
+                n = b * n_per_seq
+                assert abs(grid(b, n, ctx) - truth(b, n_per_seq, ctx)) / truth(b, n_per_seq, ctx) < 0.05
+    # The same 40 tokens: 8 sequences x 5 cost much less than 32 x 1 plus 8 drafts, and the model
+    # knows that the 8 extra drafts at batch 32 are not free (a model in tokens alone pools them).
+    assert grid(8, 40, 300) < grid(32, 40, 300)
+    extra = grid(32, 40, 300) - grid(32, 32, 300)
+    assert extra == pytest.approx(truth(32, 40 / 32, 300) - truth(32, 1, 300), rel=0.2)
+
+
+def test_grid_is_monotone_and_slopes_never_negative_under_noise():
+    g = torch.Generator().manual_seed(1)
+    bs, qs, cs, ys = [], [], [], []
+    for b in (1, 2, 4):
+        for q in (1, 2, 3):
+            for ctx in (100, 400):
+                bs.append(b)
+                qs.append(q)
+                cs.append(ctx)
+                ys.append(0.05 + 0.002 * float(torch.randn(1, generator=g)))  # pure noise: flat, not decreasing
+    grid = fit_grid(bs, qs, cs, ys)
+    v = torch.tensor(grid.values)
+    assert (v[:, 1:] >= v[:, :-1]).all() and (v[1:] >= v[:-1]).all()
+    assert grid.slope_seq_ctx >= 0 and grid.slope_token_ctx >= 0
+
+
+def test_draft_fit_is_monotone_and_never_negative_under_noise():
     xs = [1, 2, 4, 8] * 2
     cs = [100] * 4 + [400] * 4
     ys = [0.05, 0.049, 0.051, 0.048, 0.05, 0.049, 0.047, 0.052]  # noise, decreasing pieces
@@ -39,18 +68,27 @@ def test_fit_is_monotone_and_never_negative_under_noise():
 
 
 def test_vectorized_evaluation_and_round_trip(tmp_path):
-    model = CostModel(PiecewiseLinear([1.0, 4.0, 16.0], [0.01, 0.012, 0.04], 1e-6),
-                      PiecewiseLinear([1.0, 32.0], [0.001, 0.004], 0.0))
-    n = torch.tensor([1.0, 2.5, 4.0, 10.0, 32.0])
-    batch = model.target_time(n, 100.0)
-    assert batch.tolist() == [model.target_time(float(v), 100.0) for v in n]
-    assert model.target_time(2.5, 0.0) == 0.011  # interpolated between knots
-    assert model.target_time(32.0, 0.0) > 0.04  # extrapolated along the last segment
+    grid = VerifyGrid([1.0, 4.0, 16.0], [1.0, 2.0], [[0.01, 0.012], [0.012, 0.02], [0.04, 0.06]], 1e-6, 2e-7)
+    model = CostModel(grid, PiecewiseLinear([1.0, 32.0], [0.001, 0.004], 0.0))
+    n = torch.tensor([4.0, 6.0, 8.0, 10.0, 32.0])
+    batch = model.target_time(4, n, 100.0)
+    assert batch.tolist() == pytest.approx([model.target_time(4, float(v), 100.0) for v in n], rel=1e-12)
+    assert model.target_time(4, 6.0, 0.0) == pytest.approx(0.016)  # halfway between 1 and 2 tokens per sequence
+    assert model.target_time(10, 10.0, 0.0) == pytest.approx(0.026)  # halfway between batch knots 4 and 16
+    assert model.target_time(16, 64.0, 0.0) > 0.06  # extrapolated along the last segment
+    assert model.draft_time(16.5, 0.0) == pytest.approx(0.0025)
     path = tmp_path / "cost.json"
     model.save(path)
     assert CostModel.load(path) == model
-    path.write_text('{"target_coef": [1, 2, 3], "draft_coef": [1, 2, 3]}')  # an older format
+    path.write_text('{"format": 2, "target": {}, "draft": {}}')  # an older format
     assert CostModel.load(path) is None
+
+
+def test_linear_model_is_linear_in_tokens_at_every_batch():
+    model = CostModel.linear(0.01, 0.001, per_token_ctx=1e-6)
+    for b in (1, 3, 32):
+        for n in (b, 2 * b, 3.5 * b):
+            assert model.target_time(b, n, 100.0) == pytest.approx(0.01 + 0.001 * n + 1e-6 * n * 100)
 
 
 def test_replay_sums_predicted_step_times():

@@ -136,7 +136,7 @@ def best_capacity(values: torch.Tensor, batch_size: int, fixed_time: float, cost
     v = values.flatten().sort(descending=True).values.double()
     gains = torch.cat([torch.zeros(1, dtype=torch.float64), v.cumsum(0)])  # [N + 1]
     c = torch.arange(gains.numel(), dtype=torch.float64)
-    times = fixed_time + verify_scale * cost.target_time(batch_size + c, mean_len)
+    times = fixed_time + verify_scale * cost.target_time(batch_size, batch_size + c, mean_len)
     rates = (batch_size + gains) / times
     best = int(rates.argmax())
     return best, float(rates[best])
@@ -183,12 +183,12 @@ class AutoTetris(Selector):
         """
         B, s = batch.batch_size, batch.mean_len
         r = self.time_ratio
-        plain = B / (r["plain"] * self.cost.target_time(B, s))
+        plain = B / (r["plain"] * self.cost.target_time(B, B, s))
         best = plain
         cumulative = 0.0
         for d in range(1, self.max_depth + 1):
             cumulative += self.level_means[d - 1]
-            time = r["draft"] * d * self.cost.draft_time(B, s) + r["verify"] * self.cost.target_time(B * (d + 1), s)
+            time = r["draft"] * d * self.cost.draft_time(B, s) + r["verify"] * self.cost.target_time(B, B * (d + 1), s)
             best = max(best, (B + B * cumulative) / time)
         if best > plain:
             self.steps_without_draft = 0
@@ -214,11 +214,11 @@ class AutoTetris(Selector):
             return
         B, s = record.batch_size, record.mean_len
         if record.depth == 0:
-            parts = [("plain", record.seconds, self.cost.target_time(record.tokens, s))]
+            parts = [("plain", record.seconds, self.cost.target_time(B, record.tokens, s))]
         else:
             parts = [("draft", record.draft_seconds, record.depth * self.cost.draft_time(B, s)),
                      ("verify", record.seconds - record.draft_seconds - record.catch_up_seconds,
-                      self.cost.target_time(record.tokens, s))]
+                      self.cost.target_time(B, record.tokens, s))]
         for kind, measured, predicted in parts:
             ratio = min(max(measured / predicted, 0.25), 8.0)  # one outlier (a GC pause) moves it little
             self.time_ratio[kind] = 0.95 * self.time_ratio[kind] + 0.05 * ratio

@@ -1,16 +1,21 @@
 """Profiled step-time model: how long a verify forward and a draft forward take.
 
-Target (verify) time is f(tokens) + a * tokens * ctx, where tokens are the query tokens of
-the step, ctx the mean context length (attention reads the cache) and f is piecewise linear
-between profiled token counts. A straight line does not do: on a CPU, or a GPU at small
-batch, a forward is memory-bound until enough tokens share each weight read, so the first
-few extra tokens are almost free and later ones cost full price. One draft forward is
-g(B) + d * B * ctx in the same way. A few dozen timed forwards at start-up are enough; the
+A target (verify) forward over B sequences with T query tokens in all (T / B per sequence)
+costs grid(B, T / B) + a * B * ctx + b * T * ctx, ctx the mean context length: grid is
+interpolated bilinearly between profiled batch sizes and query lengths, the B * ctx term is
+the KV cache each sequence reads once, the T * ctx term the attention scores. Tokens alone do
+not say what a step costs: 40 tokens as 8 sequences x 5 are far cheaper than 32 sequences x 1
+plus 8 drafts, because every sequence brings its own cache reads and bookkeeping, so a model
+in tokens alone can see verification of extra drafts as free at a batch where it is not. On a
+CPU, or a GPU at small batch, the first few extra query tokens per sequence are nearly free
+(memory-bound) and later ones cost full price, which the grid follows. One draft forward is
+g(B) + d * B * ctx, g piecewise linear. A few dozen timed forwards at start-up are enough; the
 fit is cached on disk, keyed by model, device and dtype.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +27,7 @@ from tqdm import tqdm
 
 from tetrispec.model.model_runner import ForwardItem, ModelRunner
 
-FORMAT = 2  # bumped when the saved fields change; an older cached profile is rebuilt
+FORMAT = 3  # bumped when the saved fields change; an older cached profile is rebuilt
 
 
 class StepRecord(NamedTuple):
@@ -37,43 +42,82 @@ class StepRecord(NamedTuple):
     catch_up_seconds: float = 0.0  # of which a separate draft catch-up over long lags (prompts, pauses)
 
 
+def _segment(knots: list[float], x: float) -> tuple[int, int, float]:
+    """Indices of the two knots around x and x's weight on the second; outside the knots the end
+    segment is extended (weight below 0 or above 1)."""
+    if len(knots) == 1:
+        return 0, 0, 0.0
+    i = min(max(bisect.bisect_left(knots, x), 1), len(knots) - 1)
+    return i - 1, i, (x - knots[i - 1]) / (knots[i] - knots[i - 1])
+
+
+def _interp(knots: list[float], values: list[float], x):
+    """Piecewise-linear values at x (a float or a tensor), extended along the end segments."""
+    if not isinstance(x, torch.Tensor):
+        i0, i1, w = _segment(knots, float(x))
+        return values[i0] + (values[i1] - values[i0]) * w
+    if len(knots) == 1:
+        return torch.full_like(x, values[0], dtype=torch.float64)
+    xs = torch.tensor(knots, dtype=torch.float64)
+    ys = torch.tensor(values, dtype=torch.float64)
+    xt = x.to(torch.float64)
+    i = torch.searchsorted(xs, xt.contiguous()).clamp(1, len(knots) - 1)
+    return ys[i - 1] + (ys[i] - ys[i - 1]) * (xt - xs[i - 1]) / (xs[i] - xs[i - 1])
+
+
 @dataclass
 class PiecewiseLinear:
-    """y = interp(x over knots) + slope_ctx * x * ctx, extrapolated along the end segments."""
+    """y = interp(x over knots) + slope_ctx * x * ctx (x: batch size of a draft forward)."""
 
     knots: list[float]
     values: list[float]
     slope_ctx: float
 
     def __call__(self, x, ctx):
-        xs = torch.tensor(self.knots, dtype=torch.float64)
-        ys = torch.tensor(self.values, dtype=torch.float64)
-        xt = torch.as_tensor(x, dtype=torch.float64)
-        if len(self.knots) == 1:
-            base = ys[0].expand_as(xt)
-        else:
-            i = torch.searchsorted(xs, xt.contiguous()).clamp(1, len(self.knots) - 1)
-            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-            base = y0 + (y1 - y0) * (xt - x0) / (x1 - x0)
-        out = (base + self.slope_ctx * xt * ctx).clamp_min(1e-6)
-        return float(out) if out.dim() == 0 else out
+        out = _interp(self.knots, self.values, x) + self.slope_ctx * x * ctx
+        return max(out, 1e-6) if not isinstance(out, torch.Tensor) else out.clamp_min(1e-6)
+
+
+@dataclass
+class VerifyGrid:
+    """Target forward time over (batch size, query tokens per sequence) knots, plus context terms."""
+
+    batches: list[float]
+    query_lens: list[float]
+    values: list[list[float]]  # [batch knot][query-length knot], at context 0
+    slope_seq_ctx: float  # seconds per sequence per context token (its cache read)
+    slope_token_ctx: float  # seconds per query token per context token (its scores)
+
+    def __call__(self, batch_size: float, num_tokens, ctx: float):
+        """num_tokens: a float or a tensor of token counts, all at this batch size."""
+        b = float(batch_size)
+        if isinstance(num_tokens, torch.Tensor):
+            num_tokens = num_tokens.double()
+        i0, i1, w = _segment(self.batches, b)
+        row = [v0 + (v1 - v0) * w for v0, v1 in zip(self.values[i0], self.values[i1])]
+        out = _interp(self.query_lens, row, num_tokens / b) + self.slope_seq_ctx * b * ctx \
+            + self.slope_token_ctx * num_tokens * ctx
+        return max(out, 1e-6) if not isinstance(out, torch.Tensor) else out.clamp_min(1e-6)
 
 
 @dataclass
 class CostModel:
-    target: PiecewiseLinear  # over query tokens of the step
+    target: VerifyGrid  # one target forward: batch size and query tokens
     draft: PiecewiseLinear  # over batch size, one draft forward
 
     @classmethod
     def linear(cls, fixed: float, per_token: float, per_token_ctx: float = 0.0, draft_fixed: float = 0.0,
                draft_per_seq: float = 0.0, draft_per_seq_ctx: float = 0.0) -> CostModel:
-        """A straight-line model (tests, and users who know their hardware)."""
-        return cls(PiecewiseLinear([0.0, 1.0], [fixed, fixed + per_token], per_token_ctx),
+        """A straight line in tokens, whatever the batch (tests, and users who know their hardware).
+        The grid interpolates b * q exactly, so fixed + per_token * T holds everywhere."""
+        values = [[fixed + per_token * b * q for q in (1.0, 2.0)] for b in (1.0, 2.0)]
+        return cls(VerifyGrid([1.0, 2.0], [1.0, 2.0], values, 0.0, per_token_ctx),
                    PiecewiseLinear([0.0, 1.0], [draft_fixed, draft_fixed + draft_per_seq], draft_per_seq_ctx))
 
-    def target_time(self, num_tokens, mean_len: float):
-        """Seconds of one target forward over num_tokens query tokens (a float or a tensor of counts)."""
-        return self.target(num_tokens, mean_len)
+    def target_time(self, batch_size: int, num_tokens, mean_len: float):
+        """Seconds of one target forward: batch_size sequences, num_tokens query tokens in all
+        (a float, or a tensor of counts at the same batch size)."""
+        return self.target(batch_size, num_tokens, mean_len)
 
     def draft_time(self, batch_size: float, mean_len: float) -> float:
         """One draft forward over the batch."""
@@ -81,13 +125,14 @@ class CostModel:
 
     def step_time(self, batch_size: int, mean_len: float, k: int) -> float:
         """A step that drafts k per request and verifies all of them (k = 0: plain decode)."""
-        return self.target_time(batch_size * (k + 1), mean_len) + k * self.draft_time(batch_size, mean_len)
+        return (self.target_time(batch_size, batch_size * (k + 1), mean_len)
+                + k * self.draft_time(batch_size, mean_len))
 
     def replay(self, trace: list[StepRecord]) -> float:
         """Predicted seconds of a run's decode steps (LLMEngine.step_trace): the same steps timed
         by the profile instead of the clock, which compares methods free of machine noise."""
-        return sum(self.target_time(r.tokens, r.mean_len) + r.depth * self.draft_time(r.batch_size, r.mean_len)
-                   for r in trace)
+        return sum(self.target_time(r.batch_size, r.tokens, r.mean_len)
+                   + r.depth * self.draft_time(r.batch_size, r.mean_len) for r in trace)
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +144,7 @@ class CostModel:
         d = json.loads(Path(path).read_text())
         if d.get("format") != FORMAT:
             return None
-        return cls(PiecewiseLinear(**d["target"]), PiecewiseLinear(**d["draft"]))
+        return cls(VerifyGrid(**d["target"]), PiecewiseLinear(**d["draft"]))
 
 
 def _time_forward(runner: ModelRunner, batch: int, ctx: int, q_len: int, repeats: int) -> float:
@@ -137,29 +182,70 @@ def isotonic(values: list[float], weights: list[float]) -> list[float]:
     return out
 
 
+def _lstsq_nonneg_tail(cols: torch.Tensor, y: torch.Tensor, tail: int) -> torch.Tensor:
+    """Least squares whose last `tail` coefficients (the context slopes) may not be negative:
+    a slope that comes out negative is pinned at 0 and the rest refitted."""
+    keep = list(range(cols.shape[1]))
+    while True:
+        coef = torch.zeros(cols.shape[1], dtype=torch.float64)
+        coef[keep] = torch.linalg.lstsq(cols[:, keep], y).solution.squeeze(1)
+        negative = [j for j in keep[len(keep) - tail:] if coef[j] < 0] if tail else []
+        if not negative:
+            return coef
+        keep.remove(negative[0])
+        tail -= 1
+
+
 def fit_piecewise(xs: list[float], ctxs: list[float], ys: list[float]) -> PiecewiseLinear:
     """Least squares of one value per distinct x (the knots) plus a shared x * ctx slope.
 
-    The knot values are then made non-decreasing (more tokens never cost less) and the
+    The knot values are then made non-decreasing (more sequences never cost less) and the
     context slope kept non-negative: timing noise must not invent free capacity.
     """
     knots = sorted(set(xs))
     x = torch.tensor(xs, dtype=torch.float64)
     onehot = (x[:, None] == torch.tensor(knots, dtype=torch.float64)[None, :]).double()
     cols = torch.cat([onehot, (x * torch.tensor(ctxs, dtype=torch.float64))[:, None]], 1)
-    y = torch.tensor(ys, dtype=torch.float64)[:, None]
-    coef = torch.linalg.lstsq(cols, y).solution.squeeze(1)
+    coef = _lstsq_nonneg_tail(cols, torch.tensor(ys, dtype=torch.float64)[:, None], 1)
     slope = float(coef[-1])
-    if slope < 0:
-        slope = 0.0
-        coef = torch.linalg.lstsq(onehot, y).solution.squeeze(1)
     counts = [xs.count(v) for v in knots]
     return PiecewiseLinear([float(v) for v in knots], isotonic(coef[: len(knots)].tolist(), counts), slope)
 
 
+def fit_grid(batches: list[float], query_lens: list[float], ctxs: list[float], ys: list[float]) -> VerifyGrid:
+    """Least squares of one value per (batch, query length) cell plus the two context slopes.
+
+    The cell values are then made non-decreasing along both axes (more sequences or more
+    tokens never cost less) and the slopes kept non-negative: timing noise must not invent
+    free capacity.
+    """
+    bk, qk = sorted(set(batches)), sorted(set(query_lens))
+    b = torch.tensor(batches, dtype=torch.float64)
+    q = torch.tensor(query_lens, dtype=torch.float64)
+    c = torch.tensor(ctxs, dtype=torch.float64)
+    cell = torch.tensor([bk.index(bi) * len(qk) + qk.index(qi) for bi, qi in zip(batches, query_lens)])
+    onehot = torch.nn.functional.one_hot(cell, len(bk) * len(qk)).double()
+    cols = torch.cat([onehot, (b * c)[:, None], (b * q * c)[:, None]], 1)
+    coef = _lstsq_nonneg_tail(cols, torch.tensor(ys, dtype=torch.float64)[:, None], 2)
+    counts = torch.bincount(cell, minlength=len(bk) * len(qk)).double().view(len(bk), len(qk))
+    values = coef[:-2].view(len(bk), len(qk))
+    # an unmeasured cell (the profile grid skips what the cache cannot hold) copies its neighbour below
+    for i in range(len(bk)):
+        for j in range(len(qk)):
+            if counts[i, j] == 0:
+                values[i, j] = values[i, j - 1] if j else (values[i - 1, j] if i else 0.0)
+    weights = counts.clamp_min(1e-3)
+    for _ in range(3):  # alternate the two monotone projections until they agree
+        values = torch.tensor([isotonic(r.tolist(), w.tolist()) for r, w in zip(values, weights)])
+        values = torch.tensor([isotonic(r.tolist(), w.tolist()) for r, w in zip(values.t(), weights.t())]).t()
+    return VerifyGrid([float(x) for x in bk], [float(x) for x in qk], values.tolist(), float(coef[-2]),
+                      float(coef[-1]))
+
+
 def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_k: int,
             num_slots: int, repeats: int = 3, progress: bool = True) -> CostModel:
-    """Time the target and draft over a grid that fits in `num_slots` cache slots.
+    """Time the target over batch sizes x query lengths x contexts, and the draft over batch sizes x
+    contexts, on a grid that fits in `num_slots` cache slots.
 
     Must run while the caches hold no live sequence (at engine start-up).
     """
@@ -169,10 +255,11 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
     grid = [(b, c, k) for b in batches for c in ctxs for k in ks if b * (c + k + 1 + 16) <= num_slots]
     if not grid:
         raise ValueError("KV cache too small to profile the step-time model")
-    t_x, t_c, t_y, d_x, d_c, d_y = [], [], [], [], [], []
+    t_b, t_q, t_c, t_y, d_x, d_c, d_y = [], [], [], [], [], [], []
     bar = tqdm(grid, desc="profiling step times", disable=not progress)
     for b, c, k in bar:
-        t_x.append(b * (k + 1))
+        t_b.append(b)
+        t_q.append(k + 1)
         t_c.append(c)
         t_y.append(_time_forward(target, b, c, k + 1, repeats))
         if draft is not None and k == 0:
@@ -180,7 +267,7 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
             d_c.append(c)
             d_y.append(_time_forward(draft, b, c, 1, repeats))
     no_draft = PiecewiseLinear([1.0], [0.0], 0.0)
-    return CostModel(fit_piecewise(t_x, t_c, t_y), fit_piecewise(d_x, d_c, d_y) if d_x else no_draft)
+    return CostModel(fit_grid(t_b, t_q, t_c, t_y), fit_piecewise(d_x, d_c, d_y) if d_x else no_draft)
 
 
 def load_or_profile(path: Path, target: ModelRunner, draft: ModelRunner | None, max_batch: int,
