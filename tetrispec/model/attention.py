@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tetrispec.model.cpu_kernel import paged_attention_op
+
 LONG_QUERY = 16  # a sequence with more new tokens than this sends the step to the per-sequence path
 CALL_COST_KEYS = 2048  # one more gather + SDPA call per layer costs about as much as this many padded keys
 
@@ -31,19 +33,24 @@ def partition_by_context(num_blocks: list[int], block_size: int, call_cost: int)
 
     Sorted by context, a bucket of sequences i..j-1 costs (j - i) x its longest context in
     gathered keys, plus call_cost for its own call; the cheapest cut is a small dynamic program.
+    Cuts fall only between different contexts (moving a tie down into the lower bucket never
+    costs more), so the program runs over distinct contexts, not sequences.
     """
     order = sorted(range(len(num_blocks)), key=num_blocks.__getitem__)
-    keys = [num_blocks[i] * block_size for i in order]
-    best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
-    for j in range(1, len(order) + 1):
-        for i in range(j):
-            c = best[i] + (j - i) * keys[j - 1] + call_cost
-            if c < best[j]:
-                best[j], cut[j] = c, i
-    groups, j = [], len(order)
-    while j > 0:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
+    values = [num_blocks[i] for i in order]
+    ends = [j for j in range(1, len(values) + 1) if j == len(values) or values[j] != values[j - 1]]
+    cuts = [0, *ends]  # candidate bucket boundaries, as positions in the sorted order
+    best, prev = [0.0] + [float("inf")] * len(ends), [0] * (len(ends) + 1)
+    for b in range(1, len(cuts)):
+        j = cuts[b]
+        for a in range(b):
+            c = best[a] + (j - cuts[a]) * values[j - 1] * block_size + call_cost
+            if c < best[b]:
+                best[b], prev[b] = c, a
+    groups, b = [], len(cuts) - 1
+    while b > 0:
+        groups.append(order[cuts[prev[b]]:cuts[b]])
+        b = prev[b]
     return groups[::-1]
 
 
@@ -70,6 +77,9 @@ class AttentionMetadata:
     # Batched path cut into buckets of similar context: (token rows of the bucket in the flat
     # batch, the bucket's own metadata); None when the whole batch is one bucket.
     buckets: list[tuple[torch.Tensor, AttentionMetadata]] | None = None
+    # CPU kernel path (cpu_kernel.py): block tables [B, max_blocks], query row starts [B + 1] and
+    # context lengths [B], all int64; the kernel reads the cache in place (no gather, no mask).
+    kernel_args: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     # Reused buffers the gathered keys and values are written into (flat, at least
     # gather_blocks * block_size * n_kv * head_dim each): writing into memory that is already
     # mapped costs about half of allocating fresh multi-megabyte tensors every layer.
@@ -78,6 +88,8 @@ class AttentionMetadata:
     @property
     def gather_blocks(self) -> int:
         """Blocks the largest single gather reads (buckets run one after another)."""
+        if self.kernel_args is not None:
+            return 0
         if self.buckets is not None:
             return max(m.block_index.numel() for _, m in self.buckets)
         return self.block_index.numel()
@@ -100,8 +112,10 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device,
         bucket: bool = True,
+        kernel: bool = False,
     ) -> AttentionMetadata:
-        """query_lens[i] new tokens of sequence i end at context_lens[i] (cache included)."""
+        """query_lens[i] new tokens of sequence i end at context_lens[i] (cache included).
+        kernel: short-query batches go to the CPU kernel, which needs no mask, padding or buckets."""
         B = len(query_lens)
         max_q = max(query_lens)
         max_blocks = max(len(t) for t in block_tables)
@@ -118,12 +132,16 @@ class AttentionMetadata:
         qvalid = qidx[None, :] < qlens[:, None]
         qpos = qpos.masked_fill(~qvalid, 0)
         slot_mapping = (tables.gather(1, qpos // block_size) * block_size + qpos % block_size)[qvalid]  # [T]
+        empty = torch.empty(0, dtype=torch.long, device=device)
         if max_q > LONG_QUERY:
             ends = list(itertools.accumulate(query_lens))
             spans = [SeqSpan(end - q, end, c, None if q == c else torch.tensor(t[: -(-c // block_size)], device=device))
                      for q, c, t, end in zip(query_lens, context_lens, block_tables, ends)]
-            empty = torch.empty(0, dtype=torch.long, device=device)
             return cls(slot_mapping, empty, block_size, None, None, None, B, max_q, spans=spans)
+        if kernel:
+            q_start = torch.tensor([0, *itertools.accumulate(query_lens)], device=device)
+            return cls(slot_mapping, empty, block_size, None, None, None, B, max_q,
+                       kernel_args=(tables, q_start, lens))
         if bucket and B > 1:
             groups = partition_by_context([-(-c // block_size) for c in context_lens], block_size, CALL_COST_KEYS)
             if len(groups) > 1:
@@ -134,7 +152,6 @@ class AttentionMetadata:
                     sub = cls.build([query_lens[i] for i in g], [context_lens[i] for i in g],
                                     [block_tables[i] for i in g], block_size, device, bucket=False)
                     buckets.append((rows, sub))
-                empty = torch.empty(0, dtype=torch.long, device=device)
                 return cls(slot_mapping, empty, block_size, None, None, None, B, max_q, buckets=buckets)
         uniform = all(q == max_q for q in query_lens)
         mask = None
@@ -160,6 +177,8 @@ def paged_attention(
     v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.spans is not None:
         return _per_sequence_attention(q, k, v, k_cache, v_cache, meta, scale)
+    if meta.kernel_args is not None:
+        return paged_attention_op()(q.contiguous(), k_cache, v_cache, *meta.kernel_args, meta.block_size, scale)
     if meta.buckets is None:
         return _batched_attention(q, k_cache, v_cache, meta, scale, meta.workspace)
     out = torch.empty_like(q)

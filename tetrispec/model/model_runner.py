@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tetrispec.model.attention import AttentionMetadata
+from tetrispec.model.cpu_kernel import paged_attention_op
 from tetrispec.model.llama import LlamaForCausalLM
 
 
@@ -31,6 +32,8 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_hidden_layers)
         ]
+        # decode / verify attention straight over the paged cache on CPU, when the kernel builds
+        self.use_kernel = device.type == "cpu" and paged_attention_op() is not None
         self.workspace = (torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device))
 
     @staticmethod
@@ -58,7 +61,7 @@ class ModelRunner:
         query_lens = [len(it.tokens) for it in items]
         context_lens = [it.start + q for it, q in zip(items, query_lens)]
         meta = AttentionMetadata.build(query_lens, context_lens, [it.block_table for it in items],
-                                       self.block_size, self.device)
+                                       self.block_size, self.device, kernel=self.use_kernel)
         meta.workspace = self._workspace(meta.gather_blocks)
         flat = [t for it in items for t in it.tokens]
         positions = [p for it, q in zip(items, query_lens) for p in range(it.start, it.start + q)]
