@@ -164,3 +164,20 @@ def test_measured_step_times_reprice_speculation():
         torch.full((8, 1), q)))) for q in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
     assert all(profiled or not slow for profiled, slow in verdicts)
     assert any(profiled and not slow for profiled, slow in verdicts)
+
+
+def test_stale_speculation_prices_drift_back_while_drafting_is_paused():
+    model = cost(per_token=0.002, fixed=0.05, draft=0.006)
+    sel = AutoTetris(max_depth=2, cost=model, probe_every=10**6)  # no probes: only the drift can restart drafting
+    batch = BatchInfo(8, 100)
+    plain_t, verify_t = model.target_time(8, 8, 100.0), model.target_time(8, 16, 100.0)
+    draft_t = model.draft_time(8, 100.0)
+    for _ in range(100):  # speculative steps timed during a slow spell
+        sel.observe_step(StepRecord(8, 16, 1, 100.0, 3 * (verify_t + draft_t), 3 * draft_t))
+    assert sel.depth(batch) == 0
+    for _ in range(16):  # a short pause keeps what was measured
+        sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
+    assert sel.time_ratio["verify"] == pytest.approx(3.0, rel=0.05)
+    for _ in range(400):  # a long one lets it fade toward the plain steps' ratio (the profile's relative costs)
+        sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
+    assert sel.time_ratio["verify"] < 1.1 and sel.depth(batch) == 2

@@ -158,6 +158,7 @@ class AutoTetris(Selector):
         self.last_capacity = 0
         # measured / profiled time (EMA) of plain steps, of drafting, and of the rest of a speculative step
         self.time_ratio = {"plain": 1.0, "draft": 1.0, "verify": 1.0}
+        self.plain_run = 0  # consecutive plain steps observed
 
     def persist_to(self, path: Path) -> None:
         """Keep the calibration (and the typical acceptance per depth) beside the cost profile:
@@ -213,6 +214,13 @@ class AutoTetris(Selector):
         if self.cost is None:
             return
         B, s = record.batch_size, record.mean_len
+        self.plain_run = self.plain_run + 1 if record.depth == 0 else 0
+        if self.plain_run > 16:
+            # Not speculating for a while: the drafting and verification ratios are stale (a few
+            # speculative steps timed during a slow spell must not switch drafting off for good),
+            # so they drift back toward the plain one, i.e. toward the profile's relative costs.
+            for kind in ("draft", "verify"):
+                self.time_ratio[kind] += 0.01 * (self.time_ratio["plain"] - self.time_ratio[kind])
         if record.depth == 0:
             parts = [("plain", record.seconds, self.cost.target_time(B, record.tokens, s))]
         else:
