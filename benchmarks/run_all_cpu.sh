@@ -15,6 +15,9 @@ if step throughput; then
       --json $R/throughput_$dt.json 2>&1 | grep --line-buffered -v torn | tee $R/throughput_$dt.log
   done
 fi
+if step kernel; then
+  python benchmarks/cpu_attention_kernel.py --dtype float32 --json $R/cpu_attention_kernel_float32.json
+fi
 PROFILE=$R/profiles/default-pair-cpu.json
 if step profile; then
   # one step-time profile over batch 1..32 shared by every DSD / auto run below
