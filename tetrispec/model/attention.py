@@ -2,8 +2,10 @@
 
 One batch may mix prefill chunks, single-token decodes and multi-token verify queries.
 The cache of one layer is a flat pool of slots [num_slots, n_kv, head_dim]; a slot is
-block_id * block_size + offset. Two paths, chosen once per step for all layers:
-- short queries (decode, verify: at most LONG_QUERY tokens per sequence): the slot index of
+block_id * block_size + offset. Three paths, chosen once per step for all layers:
+- short queries on CPU when the C++ kernel built (cpu_kernel.py): it walks each sequence's
+  block table and reads the cache in place, so there is no gather, padding or mask;
+- other short queries (decode, verify: at most LONG_QUERY tokens per sequence): the slot index of
   every key each sequence sees, padded to the longest context, and a causal mask; each layer
   does one gather and one SDPA call per bucket of sequences. Padding every row to the longest
   context makes one 1,000-token prompt cost 32 x 1,000 keys in a batch of 32 short ones, so the
