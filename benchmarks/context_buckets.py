@@ -22,11 +22,12 @@ from tetrispec.model.model_runner import ForwardItem
 OFF = 10**9
 
 
-def items_for(contexts: list[int], block_size: int) -> list[ForwardItem]:
+def items_for(contexts: list[int], block_size: int, query_lens: list[int] | None = None) -> list[ForwardItem]:
+    """One sequence per cached context, with query_lens[i] new tokens (1 each by default) on disjoint blocks."""
     items, next_block = [], 1
-    for c in contexts:
-        n = -(-(c + 1) // block_size)
-        items.append(ForwardItem([5], c, list(range(next_block, next_block + n))))
+    for c, q in zip(contexts, query_lens or [1] * len(contexts)):
+        n = -(-(c + q) // block_size)
+        items.append(ForwardItem([5] * q, c, list(range(next_block, next_block + n))))
         next_block += n
     return items
 

@@ -20,7 +20,6 @@ import time
 from context_buckets import items_for
 
 from tetrispec import LLM
-from tetrispec.model.model_runner import ForwardItem
 
 
 def main() -> None:
@@ -40,8 +39,7 @@ def main() -> None:
     rows = []
     for ctx_name, ctx in contexts.items():
         for q_name, q_lens in (("decode", [1] * 32), ("verify 1-3", [rng.choice([1, 2, 3]) for _ in range(32)])):
-            items = [ForwardItem([5] * q, it.start - 3, it.block_table)
-                     for it, q in zip(items_for([c + 3 for c in ctx], runner.block_size), q_lens)]
+            items = items_for(ctx, runner.block_size, q_lens)
             times = {False: [], True: []}
             for r in range(args.repeats + 2):
                 for kernel in (False, True) if r % 2 == 0 else (True, False):

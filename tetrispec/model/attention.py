@@ -125,7 +125,6 @@ class AttentionMetadata:
         # Keys are gathered whole blocks at a time (a contiguous copy per block, far cheaper
         # than a per-slot gather), so each row holds max_blocks * block_size keys.
         max_l = max_blocks * block_size
-        key = torch.arange(max_l, device=device)
         lens = torch.tensor(context_lens, device=device)
         qlens = torch.tensor(query_lens, device=device)
         # position of each query token; padded query rows look at key 0 only (discarded)
@@ -158,6 +157,7 @@ class AttentionMetadata:
         uniform = all(q == max_q for q in query_lens)
         mask = None
         if not (uniform and max_q == 1 and all(c == max_l for c in context_lens)):
+            key = torch.arange(max_l, device=device)
             mask = (key[None, None, :] <= qpos[:, :, None]) & (key[None, None, :] < lens[:, None, None])
             mask = mask.unsqueeze(1)
         q_batch = q_pos = None

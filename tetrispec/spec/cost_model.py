@@ -65,6 +65,11 @@ def _interp(knots: list[float], values: list[float], x):
     return ys[i - 1] + (ys[i] - ys[i - 1]) * (xt - xs[i - 1]) / (xs[i] - xs[i - 1])
 
 
+def _at_least_a_microsecond(t):
+    """A predicted time (float or tensor) kept positive: rates divide by it."""
+    return max(t, 1e-6) if not isinstance(t, torch.Tensor) else t.clamp_min(1e-6)
+
+
 @dataclass
 class PiecewiseLinear:
     """y = interp(x over knots) + slope_ctx * x * ctx (x: batch size of a draft forward)."""
@@ -74,8 +79,7 @@ class PiecewiseLinear:
     slope_ctx: float
 
     def __call__(self, x, ctx):
-        out = _interp(self.knots, self.values, x) + self.slope_ctx * x * ctx
-        return max(out, 1e-6) if not isinstance(out, torch.Tensor) else out.clamp_min(1e-6)
+        return _at_least_a_microsecond(_interp(self.knots, self.values, x) + self.slope_ctx * x * ctx)
 
 
 @dataclass
@@ -95,9 +99,8 @@ class VerifyGrid:
             num_tokens = num_tokens.double()
         i0, i1, w = _segment(self.batches, b)
         row = [v0 + (v1 - v0) * w for v0, v1 in zip(self.values[i0], self.values[i1])]
-        out = _interp(self.query_lens, row, num_tokens / b) + self.slope_seq_ctx * b * ctx \
-            + self.slope_token_ctx * num_tokens * ctx
-        return max(out, 1e-6) if not isinstance(out, torch.Tensor) else out.clamp_min(1e-6)
+        return _at_least_a_microsecond(_interp(self.query_lens, row, num_tokens / b) + self.slope_seq_ctx * b * ctx
+                                       + self.slope_token_ctx * num_tokens * ctx)
 
 
 @dataclass

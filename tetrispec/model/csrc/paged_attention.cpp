@@ -29,6 +29,7 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
     std::vector<float> qf, acc, m, l, s, kf, vf;
     kf.resize(bs * hd);
     vf.resize(bs * hd);
+    s.resize(bs);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_kv, g = task % n_kv;
       const int64_t t0 = q_start[b], nq = q_start[b + 1] - t0, ctx = context_lens[b];
@@ -37,7 +38,6 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
       acc.assign(rows * hd, 0.f);
       m.assign(rows, kNegBig);
       l.assign(rows, 0.f);
-      s.resize(bs);
       for (int64_t i = 0; i < nq; ++i)
         for (int64_t j = 0; j < rep; ++j) {
           const scalar_t* src = q + ((t0 + i) * n_heads + g * rep + j) * hd;
