@@ -87,13 +87,20 @@ def test_cpu_kernel_matches_dense_attention(query_lens, cached):
 
 
 @needs_kernel
+def test_cpu_kernel_reads_views_of_one_fused_projection():
+    """q, k and v as the model hands them over: strided views into one [T, (heads + 2 kv) * hd] tensor."""
+    meta = check_against_dense([1, 3, 2], [20, 5, 33], kernel=True, fused_views=True)
+    assert meta.kernel_args is not None and meta.mask is None and meta.gather_blocks == 0
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_kernel_half_precision_caches(dtype):
     check_against_dense([2, 1, 4], [40, 3, 17], kernel=True, dtype=dtype)
 
 
 def check_against_dense(query_lens: list[int], cached: list[int], kernel: bool = False,
-                        dtype: torch.dtype = torch.float32) -> AttentionMetadata:
+                        dtype: torch.dtype = torch.float32, fused_views: bool = False) -> AttentionMetadata:
     g = torch.Generator().manual_seed(sum(query_lens))
     context = [c + q for c, q in zip(cached, query_lens)]
     num_blocks = sum(-(-c // BS) for c in context) + 3
@@ -116,8 +123,13 @@ def check_against_dense(query_lens: list[int], cached: list[int], kernel: bool =
     if dtype != torch.float32:  # the reference sees the same rounded values, in float32
         q, k, v, k_cache, v_cache = (t.to(dtype) for t in (q, k, v, k_cache, v_cache))
         full_k, full_v = [t.to(dtype).float() for t in full_k], [t.to(dtype).float() for t in full_v]
+    if fused_views:
+        T = q.shape[0]
+        qkv = torch.cat([q.view(T, -1), k.view(T, -1), v.view(T, -1)], 1)
+        q, k, v = (part.view(T, -1, HD) for part in qkv.split([N_HEADS * HD, N_KV * HD, N_KV * HD], 1))
     out = paged_attention(q, k, v, k_cache, v_cache, meta, HD**-0.5)
     assert out.dtype == dtype
+    assert torch.equal(k_cache[meta.slot_mapping], k) and torch.equal(v_cache[meta.slot_mapping], v)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     start = 0
     for n, fk, fv in zip(query_lens, full_k, full_v):

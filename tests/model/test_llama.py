@@ -89,3 +89,14 @@ def test_hf_state_dict_round_trip():
     for k, v in ref.state_dict().items():
         if k != "lm_head.weight":
             torch.testing.assert_close(sd[k], v)
+
+
+def test_greedy_head_matches_full_logits():
+    _, model = make_pair(**CONFIGS["gqa_untied"])
+    hidden = torch.randn(5, 64)
+    with torch.no_grad():
+        logits = model.compute_logits(hidden)
+        tokens, logprobs = model.greedy_head(hidden)
+        argmax_only, none = model.greedy_head(hidden, logprobs=False)
+    assert torch.equal(tokens, logits.argmax(-1)) and torch.equal(argmax_only, tokens) and none is None
+    torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).max(-1).values)

@@ -193,7 +193,7 @@ class LLMEngine:
     def _next_tokens(self, items: list[ForwardItem], seqs: list[Sequence]) -> list[int]:
         """One target forward and one sampled token per sequence."""
         if all(s.params.greedy for s in seqs):
-            return self.target.forward_greedy(items, "last")[0].tolist()
+            return self.target.forward_greedy(items, "last", logprobs=False)[0].tolist()
         probs = logits_to_probs(self.target.forward(items, "last"), [s.params for s in seqs])
         return sample(probs, draw_uniforms(seqs, 1, self.generator, probs.device).squeeze(1)).tolist()
 
@@ -252,7 +252,7 @@ class LLMEngine:
         """One ragged target forward over every request's last token and its verified drafts."""
         K = proposal.depth
         if proposal.probs is None:  # every request is greedy (see Proposal.probs)
-            flat, _ = self.target.forward_greedy(items, "all")  # [sum(l_i + 1)]
+            flat, _ = self.target.forward_greedy(items, "all", logprobs=False)  # [sum(l_i + 1)]
             target = _pad_ragged(flat, verify_lens, K + 1)
             return rejection_sampler.verify_greedy(target, proposal.tokens, lengths, oracle)
         logits = self.target.forward(items, "all")  # [sum(l_i + 1), V]

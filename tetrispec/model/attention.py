@@ -3,8 +3,9 @@
 One batch may mix prefill chunks, single-token decodes and multi-token verify queries.
 The cache of one layer is a flat pool of slots [num_slots, n_kv, head_dim]; a slot is
 block_id * block_size + offset. Three paths, chosen once per step for all layers:
-- short queries on CPU when the C++ kernel built (cpu_kernel.py): it walks each sequence's
-  block table and reads the cache in place, so there is no gather, padding or mask;
+- short queries on CPU when the C++ kernel built (cpu_kernel.py): it writes the new keys and
+  values, walks each sequence's block table and reads the cache in place, so there is no gather,
+  padding or mask;
 - other short queries (decode, verify: at most LONG_QUERY tokens per sequence): the slot index of
   every key each sequence sees, padded to the longest context, and a causal mask; each layer
   does one gather and one SDPA call per bucket of sequences. Padding every row to the longest
@@ -175,12 +176,13 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, n_heads, hd]
+    if meta.kernel_args is not None:  # the kernel writes the new keys and values itself
+        return paged_attention_op()(q, k, v, meta.slot_mapping, k_cache, v_cache, *meta.kernel_args,
+                                    meta.block_size, scale)
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.spans is not None:
         return _per_sequence_attention(q, k, v, k_cache, v_cache, meta, scale)
-    if meta.kernel_args is not None:
-        return paged_attention_op()(q.contiguous(), k_cache, v_cache, *meta.kernel_args, meta.block_size, scale)
     if meta.buckets is None:
         return _batched_attention(q, k_cache, v_cache, meta, scale, meta.workspace)
     out = torch.empty_like(q)

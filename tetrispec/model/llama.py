@@ -181,12 +181,16 @@ class LlamaForCausalLM(nn.Module):
         full[:, self.head_token_ids] = logits
         return full
 
-    def greedy_head(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Argmax token ids [N] and their log-softmax [N] (a reduced head needs no -inf padding)."""
+    def greedy_head(self, hidden: torch.Tensor, logprobs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Argmax token ids [N] and their log-softmax [N] (a reduced head needs no -inf padding).
+
+        Verification needs only the argmax: logprobs=False skips the log-sum-exp over the vocabulary.
+        """
         logits = self.lm_head(hidden).float()
         rows = logits.argmax(-1)  # the same argmax (and tie-break) as the full-logits path
-        logprobs = logits.gather(1, rows[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
-        return self.head_token_ids[rows], logprobs
+        if not logprobs:
+            return self.head_token_ids[rows], None
+        return self.head_token_ids[rows], logits.gather(1, rows[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
 
     @torch.no_grad()
     def load_hf_state_dict(self, weights: dict[str, torch.Tensor]) -> None:

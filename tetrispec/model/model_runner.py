@@ -49,13 +49,15 @@ class ModelRunner:
         return None if hidden is None else self.model.compute_logits(hidden)
 
     @torch.inference_mode()
-    def forward_greedy(self, items: list[ForwardItem], logits_for: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
-        """The argmax token and its log-softmax of each "last" or "all" row, without full-vocabulary logits.
+    def forward_greedy(self, items: list[ForwardItem], logits_for: str = "last",
+                       logprobs: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The argmax token and (unless logprobs=False) its log-softmax of each "last" or "all" row,
+        without full-vocabulary probabilities.
 
         Greedy requests need nothing else, and skipping the [rows, V] probability tensors saves
         more time per step than the draft model's forward costs.
         """
-        return self.model.greedy_head(self._hidden(items, logits_for))
+        return self.model.greedy_head(self._hidden(items, logits_for), logprobs)
 
     def _hidden(self, items: list[ForwardItem], logits_for: str) -> torch.Tensor | None:
         query_lens = [len(it.tokens) for it in items]

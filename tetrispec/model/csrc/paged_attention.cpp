@@ -6,7 +6,10 @@
 // so the cache is read once per step and no padding exists. The n_rep query heads that share
 // a KV head, and all query tokens of the sequence, are the task's rows: each key is loaded
 // once for all of them. Softmax is online (running max and sum per row), one block of keys
-// at a time, in float32 whatever the cache dtype.
+// at a time, in float32 whatever the cache dtype. The task also writes its sequence's new keys
+// and values into the cache first, which saves two scatter ops per layer. Scores and value sums
+// take four keys per pass (independent chains for the FMA units), and the next block's cache
+// lines are prefetched, since a block table scatters blocks over the pool.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -64,9 +67,10 @@ inline void prefetch_block(const scalar_t* k_cache, const scalar_t* v_cache, int
 }
 
 template <typename scalar_t, int HD>
-void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache, scalar_t* out,
-            const int64_t* tables, int64_t max_blocks, const int64_t* q_start, const int64_t* context_lens,
-            int64_t num_seqs, int64_t n_heads, int64_t n_kv, int64_t hd_runtime, int64_t bs, float scale) {
+void attend(const scalar_t* q, int64_t q_stride, const scalar_t* k_new, int64_t k_stride, const scalar_t* v_new,
+            int64_t v_stride, const int64_t* slots, scalar_t* k_cache, scalar_t* v_cache, scalar_t* out,
+            const int64_t* tables, int64_t max_blocks, const int64_t* q_start, const int64_t* context_lens, int64_t num_seqs,
+            int64_t n_heads, int64_t n_kv, int64_t hd_runtime, int64_t bs, float scale) {
   const int64_t hd = HD ? HD : hd_runtime;
   const int64_t rep = n_heads / n_kv;
   at::parallel_for(0, num_seqs * n_kv, 1, [&](int64_t begin, int64_t end) {
@@ -82,9 +86,16 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
       m.assign(rows, kNegBig);
       l.assign(rows, 0.f);
       s.resize(rows * bs);
+      for (int64_t i = 0; i < nq; ++i) {  // this task's keys and values of the new tokens go in first
+        const int64_t dst = (slots[t0 + i] * n_kv + g) * hd;
+        const scalar_t* ks = k_new + (t0 + i) * k_stride + g * hd;
+        const scalar_t* vs = v_new + (t0 + i) * v_stride + g * hd;
+        std::copy(ks, ks + hd, k_cache + dst);
+        std::copy(vs, vs + hd, v_cache + dst);
+      }
       for (int64_t i = 0; i < nq; ++i)
         for (int64_t j = 0; j < rep; ++j) {
-          const scalar_t* src = q + ((t0 + i) * n_heads + g * rep + j) * hd;
+          const scalar_t* src = q + (t0 + i) * q_stride + (g * rep + j) * hd;
           float* dst = qf.data() + (i * rep + j) * hd;
           for (int64_t d = 0; d < hd; ++d) dst[d] = static_cast<float>(src[d]) * scale;
         }
@@ -172,26 +183,36 @@ void attend(const scalar_t* q, const scalar_t* k_cache, const scalar_t* v_cache,
 
 }  // namespace
 
-// q [T, n_heads, hd]; caches [slots, n_kv, hd]; block_tables [B, max_blocks] int64;
-// q_start [B + 1] int64 (sequence b's query tokens are rows q_start[b] .. q_start[b + 1] - 1,
-// its last ones in the context); context_lens [B] int64 (cache included, new tokens last).
-torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
+// q [T, n_heads, hd]; k, v [T, n_kv, hd] the new tokens' keys and values, written to their slots
+// [T] here (each by the task that reads them); q, k and v may be views into one fused projection
+// (any row stride, heads and head dims contiguous); caches [slots, n_kv, hd]; block_tables
+// [B, max_blocks] int64; q_start [B + 1] int64 (sequence b's query tokens are rows q_start[b] ..
+// q_start[b + 1] - 1, its last ones in the context); context_lens [B] int64 (new tokens included).
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor slot_mapping,
+                              torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
                               torch::Tensor q_start, torch::Tensor context_lens, int64_t block_size, double scale) {
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous tensors expected");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous caches expected");
+  for (const auto& t : {q, k, v})
+    TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1 && t.stride(1) == t.size(2), "rows of contiguous heads expected");
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && q_start.scalar_type() == torch::kLong &&
-                  context_lens.scalar_type() == torch::kLong,
+                  context_lens.scalar_type() == torch::kLong && slot_mapping.scalar_type() == torch::kLong,
               "int64 metadata expected");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k.scalar_type() == k_cache.scalar_type() &&
+                  v.scalar_type() == k_cache.scalar_type(),
+              "q, k, v and cache dtypes differ");
   auto tables = block_tables.contiguous();
-  auto out = torch::empty_like(q);
+  auto slots = slot_mapping.contiguous();
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   const int64_t num_seqs = context_lens.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
     // the common head sizes get compile-time loop bounds (fully unrolled vector loops)
     auto run = [&](auto head_dim) {
       attend<scalar_t, decltype(head_dim)::value>(
-          q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-          tables.data_ptr<int64_t>(), tables.size(1), q_start.data_ptr<int64_t>(), context_lens.data_ptr<int64_t>(),
-          num_seqs, q.size(1), k_cache.size(1), q.size(2), block_size, static_cast<float>(scale));
+          q.data_ptr<scalar_t>(), q.stride(0), k.data_ptr<scalar_t>(), k.stride(0), v.data_ptr<scalar_t>(), v.stride(0),
+          slots.data_ptr<int64_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+          out.data_ptr<scalar_t>(), tables.data_ptr<int64_t>(), tables.size(1), q_start.data_ptr<int64_t>(),
+          context_lens.data_ptr<int64_t>(), num_seqs, q.size(1), k_cache.size(1), q.size(2), block_size,
+          static_cast<float>(scale));
     };
     if (q.size(2) == 64)
       run(std::integral_constant<int, 64>{});
