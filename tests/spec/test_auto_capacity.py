@@ -150,12 +150,12 @@ def test_measured_step_times_reprice_speculation():
     for _ in range(100):  # plain steps run as profiled; drafting and verification twice as slow
         sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
         sel.observe_step(StepRecord(8, 16, 1, 100.0, 2 * (verify_t + draft_t), 2 * draft_t))
-    assert sel.time_ratio == pytest.approx({"plain": 1.0, "draft": 2.0, "verify": 2.0}, rel=0.02)
+    assert sel.clock(8).ratio == pytest.approx({"plain": 1.0, "draft": 2.0, "verify": 2.0}, rel=0.02)
     assert sel.depth(batch) == 0
     for _ in range(100):  # the whole machine slows down alike: speculation pays again
         sel.observe_step(StepRecord(8, 8, 0, 100.0, 1.5 * plain_t))
         sel.observe_step(StepRecord(8, 16, 1, 100.0, 1.5 * (verify_t + draft_t), 1.5 * draft_t))
-    assert sel.time_ratio == pytest.approx({"plain": 1.5, "draft": 1.5, "verify": 1.5}, rel=0.02)
+    assert sel.clock(8).ratio == pytest.approx({"plain": 1.5, "draft": 1.5, "verify": 1.5}, rel=0.02)
     assert sel.depth(batch) == 2
     for _ in range(200):  # a slow draft alone makes deep drafting stop sooner
         sel.observe_step(StepRecord(8, 16, 1, 100.0, 1.5 * verify_t + 40 * draft_t, 40 * draft_t))
@@ -177,7 +177,49 @@ def test_stale_speculation_prices_drift_back_while_drafting_is_paused():
     assert sel.depth(batch) == 0
     for _ in range(16):  # a short pause keeps what was measured
         sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
-    assert sel.time_ratio["verify"] == pytest.approx(3.0, rel=0.05)
+    assert sel.clock(8).ratio["verify"] == pytest.approx(3.0, rel=0.05)
     for _ in range(400):  # a long one lets it fade toward the plain steps' ratio (the profile's relative costs)
         sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
-    assert sel.time_ratio["verify"] < 1.1 and sel.depth(batch) == 2
+    assert sel.clock(8).ratio["verify"] < 1.1 and sel.depth(batch) == 2
+
+
+def test_each_batch_size_range_keeps_its_own_step_times():
+    model = cost(per_token=0.002, fixed=0.05, draft=0.006)
+    sel = AutoTetris(max_depth=2, cost=model, probe_every=10**6)
+    plain_t, verify_t = model.target_time(8, 8, 100.0), model.target_time(8, 16, 100.0)
+    draft_t = model.draft_time(8, 100.0)
+    for _ in range(100):  # at batch 8 speculation runs three times slower than profiled
+        sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
+        sel.observe_step(StepRecord(8, 16, 1, 100.0, 3 * (verify_t + draft_t), 3 * draft_t))
+    assert sel.depth(BatchInfo(8, 100)) == 0 and sel.depth(BatchInfo(5, 100)) == 0  # 5..8: one range
+    assert sel.depth(BatchInfo(9, 100)) == 2 and sel.depth(BatchInfo(4, 100)) == 2  # others: the profile
+    assert sel.clock(16).ratio == {"plain": 1.0, "draft": 1.0, "verify": 1.0}
+
+
+def test_long_speculative_runs_let_a_stale_plain_price_drift():
+    model = cost(per_token=0.002, fixed=0.05, draft=0.006)
+    sel = AutoTetris(max_depth=2, cost=model)
+    plain_t, verify_t = model.target_time(8, 8, 100.0), model.target_time(8, 16, 100.0)
+    draft_t = model.draft_time(8, 100.0)
+    for _ in range(100):  # plain steps timed during a slow spell
+        sel.observe_step(StepRecord(8, 8, 0, 100.0, 3 * plain_t))
+    for _ in range(16):  # a short speculative run keeps it
+        sel.observe_step(StepRecord(8, 16, 1, 100.0, verify_t + draft_t, draft_t))
+    assert sel.clock(8).ratio["plain"] == pytest.approx(3.0, rel=0.05)
+    for _ in range(400):
+        sel.observe_step(StepRecord(8, 16, 1, 100.0, verify_t + draft_t, draft_t))
+    assert sel.clock(8).ratio["plain"] < 1.1
+
+
+def test_prompts_entering_decoding_are_charged_to_speculation():
+    """Drafting every step means the draft reads every new prompt: with many short requests that
+    can cost more than the drafts save, and auto then stays with plain decoding."""
+    model = CostModel.linear(0.05, 0.002, draft_fixed=0.004, draft_prefill=1.5e-4)
+    sel = AutoTetris(max_depth=2, cost=model, probe_every=10**6)
+    assert sel.depth(BatchInfo(8, 100, entering_tokens=0)) == 2  # no arrivals: drafting pays
+    for _ in range(60):  # a 300-token prompt enters every step: 45 ms of draft reading per step
+        depth = sel.depth(BatchInfo(8, 100, entering_tokens=300))
+    assert depth == 0 and sel.clock(8).entering == pytest.approx(300, rel=0.01)
+    for _ in range(60):  # arrivals stop: drafting resumes
+        depth = sel.depth(BatchInfo(8, 100, entering_tokens=0))
+    assert depth == 2

@@ -69,7 +69,7 @@ def test_draft_fit_is_monotone_and_never_negative_under_noise():
 
 def test_vectorized_evaluation_and_round_trip(tmp_path):
     grid = VerifyGrid([1.0, 4.0, 16.0], [1.0, 2.0], [[0.01, 0.012], [0.012, 0.02], [0.04, 0.06]], 1e-6, 2e-7)
-    model = CostModel(grid, PiecewiseLinear([1.0, 32.0], [0.001, 0.004], 0.0))
+    model = CostModel(grid, PiecewiseLinear([1.0, 32.0], [0.001, 0.004], 0.0), draft_prefill=5e-5)
     n = torch.tensor([4.0, 6.0, 8.0, 10.0, 32.0])
     batch = model.target_time(4, n, 100.0)
     assert batch.tolist() == pytest.approx([model.target_time(4, float(v), 100.0) for v in n], rel=1e-12)
@@ -80,7 +80,7 @@ def test_vectorized_evaluation_and_round_trip(tmp_path):
     path = tmp_path / "cost.json"
     model.save(path)
     assert CostModel.load(path) == model
-    path.write_text('{"format": 2, "target": {}, "draft": {}}')  # an older format
+    path.write_text('{"format": 3, "target": {}, "draft": {}}')  # an older format
     assert CostModel.load(path) is None
 
 
@@ -96,3 +96,7 @@ def test_replay_sums_predicted_step_times():
     # a plain step, then 6 drafts verified after depth 3; the measured seconds play no part
     trace = [StepRecord(4, 4, 0, 100.0, 9.0), StepRecord(4, 10, 3, 100.0, 9.0)]
     assert model.replay(trace) == pytest.approx((0.01 + 0.004) + (0.01 + 0.010) + 3 * 0.002)
+    # the draft reading 300 unseen tokens (a prompt) is priced per token, as profiled
+    priced = CostModel.linear(0.01, 0.001, draft_fixed=0.002, draft_prefill=1e-5)
+    caught_up = [StepRecord(4, 10, 3, 100.0, 9.0, 1.0, 0.5, 300)]
+    assert priced.replay(caught_up) == pytest.approx((0.01 + 0.010) + 3 * 0.002 + 300 * 1e-5)

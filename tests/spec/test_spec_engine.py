@@ -14,6 +14,7 @@ import torch
 from conftest import mixed_prompts
 
 from tetrispec import LLM, SamplingParams
+from tetrispec.spec.proposer import INLINE_CATCH_UP
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 PRESSURE = dict(max_num_seqs=8, num_kv_blocks=72, block_size=4, max_model_len=256, max_num_batched_tokens=256)
@@ -68,13 +69,16 @@ def test_tetris_respects_capacity(tiny_pair, monkeypatch):
 
     monkeypatch.setattr(llm.engine.selector, "select", spy)
     llm.engine.step_trace = []
-    llm.generate(mixed_prompts(8), GREEDY)
+    outs = llm.generate(mixed_prompts(8), GREEDY)
     assert seen
     # the step trace (for CostModel.replay) holds every decode step: B + sum(l_i) target tokens
     spec_steps = [t for t in llm.engine.step_trace if t.depth > 0]
     assert len(llm.engine.step_trace) == llm.spec_stats()["num_steps"]
     assert [(t.batch_size, t.tokens - t.batch_size, t.depth) for t in spec_steps] == [(B, n, K) for n, B, K, _ in seen]
     assert all(t.seconds > 0 for t in llm.engine.step_trace)
+    # the draft read each prompt once: inside its first draft forward when short, else in a catch-up
+    long_prompts = [len(o.prompt_token_ids) for o in outs if len(o.prompt_token_ids) + 1 > INLINE_CATCH_UP]
+    assert long_prompts and sum(t.catch_up_tokens for t in llm.engine.step_trace) == sum(long_prompts)
     for total, B, K, _ in seen:
         assert total <= 2 * B
         assert K == (4 if B >= 2 else 2)

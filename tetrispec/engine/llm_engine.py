@@ -21,7 +21,7 @@ from tetrispec.sampling_params import SamplingParams
 from tetrispec.spec import rejection_sampler
 from tetrispec.spec.auto_capacity import AutoTetris
 from tetrispec.spec.cost_model import StepRecord, load_or_profile
-from tetrispec.spec.proposer import DraftProposer
+from tetrispec.spec.proposer import DraftProposer, Proposal
 from tetrispec.spec.selectors import DSD, BatchInfo, make_selector
 from tetrispec.spec.stats import SpecStats
 
@@ -168,18 +168,22 @@ class LLMEngine:
         if batch.is_prefill:
             self._prefill(seqs)
         else:
-            info = BatchInfo(len(seqs), sum(s.num_tokens for s in seqs) / len(seqs))
+            # prompts entering decoding this step: what a draft that speculates every step must read
+            entering = sum(s.num_prompt_tokens for s in seqs if s.num_output_tokens == 1)
+            info = BatchInfo(len(seqs), sum(s.num_tokens for s in seqs) / len(seqs), entering)
             start = time.perf_counter()
             depth = self.selector.depth(info) if self.draft and batch.lookahead_ok else 0
-            draft_seconds = catch_up_seconds = 0.0
+            draft_seconds, proposal = 0.0, None
             if depth:
-                tokens, depth, draft_seconds, catch_up_seconds = self._speculate(seqs, depth, info)
+                tokens, draft_seconds, proposal = self._speculate(seqs, depth, info)
+                depth = proposal.depth
             else:
                 self._decode(seqs)
                 tokens = len(seqs)
             # the results were read back (tolist), so the clock covers the device's work too
             record = StepRecord(len(seqs), tokens, depth, info.mean_len, time.perf_counter() - start, draft_seconds,
-                                catch_up_seconds)
+                                proposal.catch_up_seconds if proposal else 0.0,
+                                proposal.catch_up_tokens if proposal else 0)
             self.selector.observe_step(record)
             if self.step_trace is not None:
                 self.step_trace.append(record)
@@ -215,9 +219,8 @@ class LLMEngine:
             for st in (s.spec, self.stats):
                 st.record(0, 0, 0, emitted)
 
-    def _speculate(self, seqs: list[Sequence], depth: int, info: BatchInfo) -> tuple[int, int, float, float]:
-        """One speculative step; returns (B + selected drafts, draft depth actually run, seconds of the draft
-        forwards, seconds of a separate catch-up forward)."""
+    def _speculate(self, seqs: list[Sequence], depth: int, info: BatchInfo) -> tuple[int, float, Proposal]:
+        """One speculative step; returns (B + selected drafts, seconds of the draft forwards, the proposal)."""
         B = len(seqs)
         start = time.perf_counter()
         proposal = self.proposer.propose(seqs, depth, self.selector.keep_going(info))
@@ -245,7 +248,7 @@ class LLMEngine:
             for st in (s.spec, self.stats):
                 st.record(K, int(lengths[i]), a, emitted)
         # what the method verifies (the shadow oracle's extra is measurement)
-        return B + int(lengths.sum()), K, draft_seconds, proposal.catch_up_seconds
+        return B + int(lengths.sum()), draft_seconds, proposal
 
     def _verify(self, items: list[ForwardItem], seqs: list[Sequence], proposal, lengths: torch.Tensor,
                 verify_lens: list[int], oracle: bool) -> rejection_sampler.Verdict:

@@ -18,6 +18,7 @@ Only draft-side information (and past outcomes) drives the choice: verification 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -127,6 +128,22 @@ class AcceptanceEstimator:
             self._refit()
 
 
+@dataclass
+class StepClock:
+    """How real steps compare with the profile at one range of batch sizes (1, 2, 3-4, 5-8, ...).
+
+    ratio: measured / profiled time (EMA) of plain steps, of drafting, and of the rest of a
+    speculative step. A range has its own because the profile's error depends on the batch
+    size: ratios learned at batch 1 must not price steps at batch 32. entering: prompt tokens
+    entering decoding per step (EMA), which a draft that speculates every step has to read.
+    """
+
+    ratio: dict[str, float] = field(default_factory=lambda: {"plain": 1.0, "draft": 1.0, "verify": 1.0})
+    entering: float = 0.0
+    plain_run: int = 0  # consecutive plain steps observed
+    spec_run: int = 0  # consecutive speculative steps observed
+
+
 def best_capacity(values: torch.Tensor, batch_size: int, fixed_time: float, cost: CostModel,
                   mean_len: float, verify_scale: float = 1.0) -> tuple[int, float]:
     """values: estimated acceptance of every candidate token (sorted or not).
@@ -156,9 +173,11 @@ class AutoTetris(Selector):
         self.level_means = [0.5] * max_depth  # EMA of the mean cumulative estimate per depth
         self.steps_without_draft = 0
         self.last_capacity = 0
-        # measured / profiled time (EMA) of plain steps, of drafting, and of the rest of a speculative step
-        self.time_ratio = {"plain": 1.0, "draft": 1.0, "verify": 1.0}
-        self.plain_run = 0  # consecutive plain steps observed
+        self.clocks: dict[int, StepClock] = {}
+
+    def clock(self, batch_size: int) -> StepClock:
+        """The StepClock of this batch size's range (powers of two)."""
+        return self.clocks.setdefault((max(int(batch_size), 1) - 1).bit_length(), StepClock())
 
     def persist_to(self, path: Path) -> None:
         """Keep the calibration (and the typical acceptance per depth) beside the cost profile:
@@ -183,13 +202,20 @@ class AutoTetris(Selector):
         next (up to 16x), because a probe makes the draft catch up on every running request.
         """
         B, s = batch.batch_size, batch.mean_len
-        r = self.time_ratio
+        clock = self.clock(B)
+        clock.entering = 0.9 * clock.entering + 0.1 * batch.entering_tokens
+        r = clock.ratio
         plain = B / (r["plain"] * self.cost.target_time(B, B, s))
         best = plain
         cumulative = 0.0
+        # Speculating every step also means the draft reads every prompt that enters decoding: a
+        # cost per step that plain decoding never pays (at high concurrency and short outputs it
+        # is as large as what the drafts save).
+        catch_up = r["draft"] * self.cost.catch_up_time(clock.entering)
         for d in range(1, self.max_depth + 1):
             cumulative += self.level_means[d - 1]
-            time = r["draft"] * d * self.cost.draft_time(B, s) + r["verify"] * self.cost.target_time(B, B * (d + 1), s)
+            time = (catch_up + r["draft"] * d * self.cost.draft_time(B, s)
+                    + r["verify"] * self.cost.target_time(B, B * (d + 1), s))
             best = max(best, (B + B * cumulative) / time)
         if best > plain:
             self.steps_without_draft = 0
@@ -214,13 +240,18 @@ class AutoTetris(Selector):
         if self.cost is None:
             return
         B, s = record.batch_size, record.mean_len
-        self.plain_run = self.plain_run + 1 if record.depth == 0 else 0
-        if self.plain_run > 16:
-            # Not speculating for a while: the drafting and verification ratios are stale (a few
-            # speculative steps timed during a slow spell must not switch drafting off for good),
-            # so they drift back toward the plain one, i.e. toward the profile's relative costs.
+        clock = self.clock(B)
+        r = clock.ratio
+        clock.plain_run = clock.plain_run + 1 if record.depth == 0 else 0
+        clock.spec_run = clock.spec_run + 1 if record.depth > 0 else 0
+        # A long run of one kind of step leaves the other kind's ratio stale (a few steps timed
+        # during a slow or a fast spell must not decide for good), so it drifts toward the ratio
+        # being measured, i.e. toward the profile's relative costs.
+        if clock.plain_run > 16:
             for kind in ("draft", "verify"):
-                self.time_ratio[kind] += 0.01 * (self.time_ratio["plain"] - self.time_ratio[kind])
+                r[kind] += 0.01 * (r["plain"] - r[kind])
+        if clock.spec_run > 16:
+            r["plain"] += 0.01 * (r["verify"] - r["plain"])
         if record.depth == 0:
             parts = [("plain", record.seconds, self.cost.target_time(B, record.tokens, s))]
         else:
@@ -229,14 +260,15 @@ class AutoTetris(Selector):
                       self.cost.target_time(B, record.tokens, s))]
         for kind, measured, predicted in parts:
             ratio = min(max(measured / predicted, 0.25), 8.0)  # one outlier (a GC pause) moves it little
-            self.time_ratio[kind] = 0.95 * self.time_ratio[kind] + 0.05 * ratio
+            r[kind] = 0.95 * r[kind] + 0.05 * ratio
 
     def keep_going(self, batch: BatchInfo):
         def decide(logprobs: torch.Tensor) -> bool:  # [B, j] drafted so far
             B, j = logprobs.shape
             cum = self.estimator.estimate_drafts(logprobs.exp()).cumprod(1)
-            draft_t = self.time_ratio["draft"] * self.cost.draft_time(B, batch.mean_len)
-            scale = self.time_ratio["verify"]
+            r = self.clock(B).ratio
+            draft_t = r["draft"] * self.cost.draft_time(B, batch.mean_len)
+            scale = r["verify"]
             _, rate_now = best_capacity(cum, B, j * draft_t, self.cost, batch.mean_len, scale)
             optimistic_next = cum[:, -1] * self.estimator.max_estimate
             _, rate_next = best_capacity(torch.cat([cum.flatten(), optimistic_next]), B, (j + 1) * draft_t,
@@ -251,8 +283,9 @@ class AutoTetris(Selector):
         cum = self.estimator.estimate_drafts(draft_logprobs.exp()).cumprod(1)  # [B, K] P(token accepted)
         for j in range(K):
             self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * float(cum[:, j].mean())
-        draft_t = K * self.time_ratio["draft"] * self.cost.draft_time(B, batch.mean_len)
-        capacity, _ = best_capacity(cum, B, draft_t, self.cost, batch.mean_len, self.time_ratio["verify"])
+        r = self.clock(B).ratio
+        draft_t = K * r["draft"] * self.cost.draft_time(B, batch.mean_len)
+        capacity, _ = best_capacity(cum, B, draft_t, self.cost, batch.mean_len, r["verify"])
         self.last_capacity = capacity
         # the same position-major stable order as tetris_select: prefixes, ties to shallow
         order = torch.sort(cum.t().reshape(-1), descending=True, stable=True).indices[:capacity]

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from tetrispec.model.model_runner import ForwardItem, ModelRunner
 
-FORMAT = 3  # bumped when the saved fields change; an older cached profile is rebuilt
+FORMAT = 4  # bumped when the saved fields change; an older cached profile is rebuilt
 
 
 class StepRecord(NamedTuple):
@@ -40,6 +40,7 @@ class StepRecord(NamedTuple):
     seconds: float  # wall time of the step, draft catch-up included
     draft_seconds: float = 0.0  # of which the draft forwards (K levels, short catch-ups inline)
     catch_up_seconds: float = 0.0  # of which a separate draft catch-up over long lags (prompts, pauses)
+    catch_up_tokens: int = 0  # tokens that catch-up fed to the draft
 
 
 def _segment(knots: list[float], x: float) -> tuple[int, int, float]:
@@ -107,15 +108,19 @@ class VerifyGrid:
 class CostModel:
     target: VerifyGrid  # one target forward: batch size and query tokens
     draft: PiecewiseLinear  # over batch size, one draft forward
+    # seconds per token of a draft catch-up forward (the draft reading a prompt, or the tokens of a
+    # pause in drafting): every speculation method pays it once per token the draft has not seen
+    draft_prefill: float = 0.0
 
     @classmethod
     def linear(cls, fixed: float, per_token: float, per_token_ctx: float = 0.0, draft_fixed: float = 0.0,
-               draft_per_seq: float = 0.0, draft_per_seq_ctx: float = 0.0) -> CostModel:
+               draft_per_seq: float = 0.0, draft_per_seq_ctx: float = 0.0, draft_prefill: float = 0.0) -> CostModel:
         """A straight line in tokens, whatever the batch (tests, and users who know their hardware).
         The grid interpolates b * q exactly, so fixed + per_token * T holds everywhere."""
         values = [[fixed + per_token * b * q for q in (1.0, 2.0)] for b in (1.0, 2.0)]
         return cls(VerifyGrid([1.0, 2.0], [1.0, 2.0], values, 0.0, per_token_ctx),
-                   PiecewiseLinear([0.0, 1.0], [draft_fixed, draft_fixed + draft_per_seq], draft_per_seq_ctx))
+                   PiecewiseLinear([0.0, 1.0], [draft_fixed, draft_fixed + draft_per_seq], draft_per_seq_ctx),
+                   draft_prefill)
 
     def target_time(self, batch_size: int, num_tokens, mean_len: float):
         """Seconds of one target forward: batch_size sequences, num_tokens query tokens in all
@@ -126,6 +131,10 @@ class CostModel:
         """One draft forward over the batch."""
         return self.draft(batch_size, mean_len)
 
+    def catch_up_time(self, num_tokens: float) -> float:
+        """The draft reading num_tokens it has not seen (long queries: a per-token cost)."""
+        return num_tokens * self.draft_prefill
+
     def step_time(self, batch_size: int, mean_len: float, k: int) -> float:
         """A step that drafts k per request and verifies all of them (k = 0: plain decode)."""
         return (self.target_time(batch_size, batch_size * (k + 1), mean_len)
@@ -135,7 +144,8 @@ class CostModel:
         """Predicted seconds of a run's decode steps (LLMEngine.step_trace): the same steps timed
         by the profile instead of the clock, which compares methods free of machine noise."""
         return sum(self.target_time(r.batch_size, r.tokens, r.mean_len)
-                   + r.depth * self.draft_time(r.batch_size, r.mean_len) for r in trace)
+                   + r.depth * self.draft_time(r.batch_size, r.mean_len) + self.catch_up_time(r.catch_up_tokens)
+                   for r in trace)
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -147,23 +157,24 @@ class CostModel:
         d = json.loads(Path(path).read_text())
         if d.get("format") != FORMAT:
             return None
-        return cls(VerifyGrid(**d["target"]), PiecewiseLinear(**d["draft"]))
+        return cls(VerifyGrid(**d["target"]), PiecewiseLinear(**d["draft"]), d["draft_prefill"])
 
 
-def _time_forward(runner: ModelRunner, batch: int, ctx: int, q_len: int, repeats: int) -> float:
+def _time_forward(runner: ModelRunner, batch: int, ctx: int, q_len: int, repeats: int,
+                  logits_for: str = "all") -> float:
     """Median seconds of one forward: `batch` sequences, q_len new tokens each at context ctx."""
     blocks_each = -(-(ctx + q_len) // runner.block_size)
     items = [
         ForwardItem([1] * q_len, ctx, list(range(i * blocks_each, (i + 1) * blocks_each)))
         for i in range(batch)
     ]
-    runner.forward(items, "all")  # warm-up
+    runner.forward(items, logits_for)  # warm-up
     if runner.device.type == "cuda":
         torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        runner.forward(items, "all")
+        runner.forward(items, logits_for)
         if runner.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -245,6 +256,9 @@ def fit_grid(batches: list[float], query_lens: list[float], ctxs: list[float], y
                       float(coef[-1]))
 
 
+CATCH_UP_PROBE = 256  # tokens per sequence of the timed draft catch-up
+
+
 def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_k: int,
             num_slots: int, repeats: int = 3, progress: bool = True) -> CostModel:
     """Time the target over batch sizes x query lengths x contexts, and the draft over batch sizes x
@@ -269,8 +283,13 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
             d_x.append(b)
             d_c.append(c)
             d_y.append(_time_forward(draft, b, c, 1, repeats))
-    no_draft = PiecewiseLinear([1.0], [0.0], 0.0)
-    return CostModel(fit_grid(t_b, t_q, t_c, t_y), fit_piecewise(d_x, d_c, d_y) if d_x else no_draft)
+    if draft is None:
+        return CostModel(fit_grid(t_b, t_q, t_c, t_y), PiecewiseLinear([1.0], [0.0], 0.0))
+    # a catch-up forward as the proposer runs it: long queries, no logits
+    prefill = 0.0
+    if 2 * (CATCH_UP_PROBE + 16) <= num_slots:
+        prefill = _time_forward(draft, 2, 0, CATCH_UP_PROBE, repeats, logits_for="none") / (2 * CATCH_UP_PROBE)
+    return CostModel(fit_grid(t_b, t_q, t_c, t_y), fit_piecewise(d_x, d_c, d_y), prefill)
 
 
 def load_or_profile(path: Path, target: ModelRunner, draft: ModelRunner | None, max_batch: int,

@@ -26,6 +26,7 @@ class Proposal:
     logprobs: torch.Tensor  # [B, K] log-confidence of each proposed token (log softmax for greedy requests)
     probs: torch.Tensor | None  # [B, K, V] draft distributions; None when every request is greedy
     catch_up_seconds: float = 0.0  # wall time of the separate catch-up forward (long lags), if any
+    catch_up_tokens: int = 0  # tokens that forward fed
 
     @property
     def depth(self) -> int:
@@ -48,9 +49,10 @@ class DraftProposer:
         greedy = all(p.greedy for p in params)
         tokens, logprobs, probs = [], [], []
         lagging = [s for s in seqs if s.num_tokens - s.num_draft_cached > INLINE_CATCH_UP]
-        catch_up_seconds = 0.0
+        catch_up_seconds, catch_up_tokens = 0.0, 0
         if lagging:
             start = time.perf_counter()
+            catch_up_tokens = sum(s.num_tokens - 1 - s.num_draft_cached for s in lagging)
             self.runner.forward([ForwardItem(s.token_ids[s.num_draft_cached : -1], s.num_draft_cached, s.block_table)
                                  for s in lagging], "none")
             for s in lagging:
@@ -80,7 +82,7 @@ class DraftProposer:
             s.num_draft_cached = s.num_tokens + len(tokens) - 1
         return Proposal(
             torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(probs, 1) if probs else None,
-            catch_up_seconds,
+            catch_up_seconds, catch_up_tokens,
         )
 
     @staticmethod

@@ -18,6 +18,7 @@ from tetrispec.spec.cost_model import CostModel, StepRecord
 class BatchInfo:
     batch_size: int
     mean_len: float  # mean tokens per running sequence (attention cost)
+    entering_tokens: int = 0  # prompt tokens of the sequences in their first decode step
 
 
 def tetris_select(draft_logprobs: torch.Tensor, capacity: int) -> torch.Tensor:
