@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tetrispec.spec.auto_capacity import AcceptanceEstimator, AutoTetris, best_capacity
+from tetrispec.spec.auto_capacity import PROBE_BUDGET, AcceptanceEstimator, AutoTetris, best_capacity
 from tetrispec.spec.cost_model import CostModel, StepRecord, isotonic
 from tetrispec.spec.selectors import BatchInfo
 
@@ -223,3 +223,24 @@ def test_prompts_entering_decoding_are_charged_to_speculation():
     for _ in range(60):  # arrivals stop: drafting resumes
         depth = sel.depth(BatchInfo(8, 100, entering_tokens=0))
     assert depth == 2
+
+
+def test_resuming_after_a_pause_pays_for_the_lag_spread_over_what_is_left():
+    model = CostModel.linear(0.05, 0.002, draft_fixed=0.004, draft_prefill=1e-4)
+    sel = AutoTetris(max_depth=2, cost=model, probe_every=10**6)
+    # 8 sequences that ran 300 tokens without drafting: 0.24 s of catch-up before drafting again
+    assert sel.depth(BatchInfo(8, 300, lag_tokens=2400, remaining=400)) == 2  # hundreds of steps left: pays
+    assert sel.depth(BatchInfo(8, 300, lag_tokens=2400, remaining=10)) == 0  # a few steps left: it does not
+    assert sel.depth(BatchInfo(8, 300, lag_tokens=0, remaining=10)) == 2  # nothing to catch up
+
+
+def test_probes_wait_until_they_cost_little_next_to_plain_decoding():
+    model = CostModel.linear(0.001, 0.01, draft_fixed=0.004, draft_prefill=1e-4)  # drafting never pays
+
+    def first_probe(lag_tokens: int) -> int:
+        sel = AutoTetris(max_depth=2, cost=model, probe_every=4)
+        return next(step for step in range(1000) if sel.depth(BatchInfo(8, 300, lag_tokens=lag_tokens)))
+
+    assert first_probe(0) == 4
+    # catching up 2,400 tokens (0.24 s) waits for 0.24 / 0.03 = 8 s of plain steps (0.081 s each)
+    assert first_probe(2400) == pytest.approx(0.248 / PROBE_BUDGET / 0.081, abs=2)

@@ -154,3 +154,18 @@ def test_sampling_matches_target_only_frequencies(tiny_pair):
     assert spec.engine.stats.accepted > 0 and spec.engine.stats.verified > spec.engine.stats.accepted
     assert chi2_pvalue(tok_a, tok_b) > 1e-3
     assert chi2_pvalue(seq_a, seq_b) > 1e-3
+
+
+def test_batch_info_reports_what_the_draft_must_catch_up_on(tiny_pair, monkeypatch):
+    llm = LLM(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="fixed", num_speculative_tokens=2,
+              max_num_seqs=8)
+    infos = []
+    depth = llm.engine.selector.depth
+    monkeypatch.setattr(llm.engine.selector, "depth", lambda info: infos.append(info) or depth(info))
+    prompts = mixed_prompts(4)
+    outs = llm.generate(prompts, GREEDY)
+    first = infos[0]  # every prompt enters decoding at once; nothing else lags yet
+    assert first.entering_tokens == sum(len(o.prompt_token_ids) for o in outs) and first.lag_tokens == 0
+    assert first.remaining == GREEDY.max_tokens - 1
+    # drafting every step, the draft lags by at most the bonus token of a fully accepted window
+    assert all(i.entering_tokens == 0 and i.lag_tokens <= i.batch_size for i in infos[1:])

@@ -168,9 +168,7 @@ class LLMEngine:
         if batch.is_prefill:
             self._prefill(seqs)
         else:
-            # prompts entering decoding this step: what a draft that speculates every step must read
-            entering = sum(s.num_prompt_tokens for s in seqs if s.num_output_tokens == 1)
-            info = BatchInfo(len(seqs), sum(s.num_tokens for s in seqs) / len(seqs), entering)
+            info = self._batch_info(seqs)
             start = time.perf_counter()
             depth = self.selector.depth(info) if self.draft and batch.lookahead_ok else 0
             draft_seconds, proposal = 0.0, None
@@ -193,6 +191,16 @@ class LLMEngine:
             else:
                 self.block_manager.truncate(seq, seq.num_tokens)
         return seqs
+
+    def _batch_info(self, seqs: list[Sequence]) -> BatchInfo:
+        """What selectors that price steps need: sizes, and what the draft would have to catch up on."""
+        # prompts entering decoding this step: what a draft that speculates every step must read
+        entering = sum(s.num_prompt_tokens for s in seqs if s.num_output_tokens == 1)
+        lag = sum(s.num_tokens - 1 - s.num_draft_cached for s in seqs if s.num_output_tokens > 1)
+        remaining = [min(s.params.max_tokens - s.num_output_tokens if s.params.max_tokens is not None else
+                         self.max_model_len, self.max_model_len - s.num_tokens) for s in seqs]
+        return BatchInfo(len(seqs), sum(s.num_tokens for s in seqs) / len(seqs), entering, lag,
+                         sum(remaining) / len(seqs))
 
     def _next_tokens(self, items: list[ForwardItem], seqs: list[Sequence]) -> list[int]:
         """One target forward and one sampled token per sequence."""

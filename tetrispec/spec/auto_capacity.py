@@ -159,6 +159,9 @@ def best_capacity(values: torch.Tensor, batch_size: int, fixed_time: float, cost
     return best, float(rates[best])
 
 
+PROBE_BUDGET = 0.03  # probes may cost at most this fraction of the plain decoding time between them
+
+
 class AutoTetris(Selector):
     name = "tetris-auto"
 
@@ -172,6 +175,7 @@ class AutoTetris(Selector):
         self.probe_interval = probe_every
         self.level_means = [0.5] * max_depth  # EMA of the mean cumulative estimate per depth
         self.steps_without_draft = 0
+        self.plain_seconds = 0.0  # predicted time of the plain steps since drafting last ran
         self.last_capacity = 0
         self.clocks: dict[int, StepClock] = {}
 
@@ -199,33 +203,47 @@ class AutoTetris(Selector):
 
         While drafting does not pay, a probe drafts now and then to refresh the per-depth
         estimates; each probe that does not turn speculation back on doubles the wait for the
-        next (up to 16x), because a probe makes the draft catch up on every running request.
+        next (up to 16x), and a probe also waits until it would cost at most PROBE_BUDGET of the
+        plain time since the last one, because it makes the draft catch up on every running request.
         """
         B, s = batch.batch_size, batch.mean_len
         clock = self.clock(B)
         clock.entering = 0.9 * clock.entering + 0.1 * batch.entering_tokens
         r = clock.ratio
-        plain = B / (r["plain"] * self.cost.target_time(B, B, s))
+        plain_time = r["plain"] * self.cost.target_time(B, B, s)
+        plain = B / plain_time
         best = plain
         cumulative = 0.0
         # Speculating every step also means the draft reads every prompt that enters decoding: a
         # cost per step that plain decoding never pays (at high concurrency and short outputs it
         # is as large as what the drafts save).
-        catch_up = r["draft"] * self.cost.catch_up_time(clock.entering)
+        arrivals = r["draft"] * self.cost.catch_up_time(clock.entering)
+        # After a pause the draft must first read what the running sequences produced meanwhile (a
+        # whole context each if it never drafted for them): paid once, so spread over the steps
+        # those sequences have left.
+        resume = r["draft"] * self.cost.catch_up_time(batch.lag_tokens)
         for d in range(1, self.max_depth + 1):
             cumulative += self.level_means[d - 1]
-            time = (catch_up + r["draft"] * d * self.cost.draft_time(B, s)
+            steps_left = max(batch.remaining / (1 + cumulative), 1.0)
+            time = (arrivals + resume / steps_left + r["draft"] * d * self.cost.draft_time(B, s)
                     + r["verify"] * self.cost.target_time(B, B * (d + 1), s))
             best = max(best, (B + B * cumulative) / time)
         if best > plain:
             self.steps_without_draft = 0
+            self.plain_seconds = 0.0
             self.probe_interval = self.probe_every
             return self.max_depth
-        if self.steps_without_draft >= self.probe_interval:
+        # A probe pays the whole catch-up: it waits until the plain steps since the last one took
+        # 1 / PROBE_BUDGET times as long as it will.
+        probe_cost = r["draft"] * (self.cost.catch_up_time(batch.lag_tokens + batch.entering_tokens)
+                                   + self.max_depth * self.cost.draft_time(B, s))
+        if self.steps_without_draft >= self.probe_interval and self.plain_seconds * PROBE_BUDGET >= probe_cost:
             self.steps_without_draft = 0
+            self.plain_seconds = 0.0
             self.probe_interval = min(2 * self.probe_interval, 16 * self.probe_every)
             return self.max_depth
         self.steps_without_draft += 1
+        self.plain_seconds += plain_time
         return 0
 
     def observe_step(self, record: StepRecord) -> None:

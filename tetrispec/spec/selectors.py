@@ -19,6 +19,8 @@ class BatchInfo:
     batch_size: int
     mean_len: float  # mean tokens per running sequence (attention cost)
     entering_tokens: int = 0  # prompt tokens of the sequences in their first decode step
+    lag_tokens: int = 0  # tokens the draft has not read, of the other sequences (a pause in drafting)
+    remaining: float = float("inf")  # mean output tokens the sequences may still produce
 
 
 def tetris_select(draft_logprobs: torch.Tensor, capacity: int) -> torch.Tensor:
