@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tetrispec.model.attention import LONG_QUERY, AttentionMetadata, paged_attention, partition_by_context
-from tetrispec.model.cpu_kernel import paged_attention_op
+from tetrispec.model.cpu_kernel import cpu_ops
 
 N_HEADS, N_KV, HD, BS = 4, 2, 8, 4
 
@@ -71,7 +71,7 @@ def test_partition_by_context_is_optimal_with_ties():
         assert cost(groups, blocks, call) == brute
 
 
-needs_kernel = pytest.mark.skipif(paged_attention_op() is None, reason="the CPU kernel did not build here "
+needs_kernel = pytest.mark.skipif(cpu_ops() is None, reason="the CPU kernel did not build here "
                                   "(no C++ compiler or ninja); the PyTorch path is tested above")
 
 

@@ -4,9 +4,11 @@ import pytest
 import torch
 import transformers
 
+from tetrispec.model import llama
 from tetrispec.model.attention import AttentionMetadata
 from tetrispec.model.config import ModelConfig
-from tetrispec.model.llama import LlamaForCausalLM
+from tetrispec.model.cpu_kernel import cpu_ops
+from tetrispec.model.llama import LlamaForCausalLM, RMSNorm, apply_rope
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -48,8 +50,18 @@ def run_step(model, caches, seqs, starts, lens, tables) -> list[torch.Tensor]:
     return list(logits.split(lens))
 
 
+@pytest.fixture(params=["fused", "pytorch"])
+def layer_ops(request, monkeypatch):
+    """Run a test with the CPU kernels' fused layer ops (where they built) and with the PyTorch ops."""
+    if request.param == "fused" and cpu_ops() is None:
+        pytest.skip("the CPU kernels did not build here (no C++ compiler or ninja)")
+    if request.param == "pytorch":
+        monkeypatch.setattr(llama, "cpu_ops", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_ragged_paged_forward_matches_transformers(name):
+def test_ragged_paged_forward_matches_transformers(name, layer_ops):
     ref, model = make_pair(**CONFIGS[name])
     a, b = torch.randint(0, 97, (2, 30))
     with torch.no_grad():
@@ -100,3 +112,32 @@ def test_greedy_head_matches_full_logits():
         argmax_only, none = model.greedy_head(hidden, logprobs=False)
     assert torch.equal(tokens, logits.argmax(-1)) and torch.equal(argmax_only, tokens) and none is None
     torch.testing.assert_close(logprobs, torch.log_softmax(logits, -1).max(-1).values)
+
+
+@pytest.mark.skipif(cpu_ops() is None, reason="the CPU kernels did not build here (no C++ compiler or ninja)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_layer_ops_match_the_pytorch_ops(dtype):
+    """Same rounding points as the PyTorch composition: equal up to a row's summation order."""
+    ops, g = cpu_ops(), torch.Generator().manual_seed(0)
+    T, H, heads, hd, inter = 7, 48, 5, 16, 40
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    x, residual = (torch.randn(T, H, generator=g).to(dtype) for _ in range(2))
+    norm = RMSNorm(H, 1e-6).to(dtype)
+    norm.weight.data = torch.rand(H, generator=g).to(dtype) + 0.5
+    torch.testing.assert_close(ops.rms_norm(x, None, norm.weight, 1e-6), norm._norm(x), **tol)
+    stream = residual.clone()
+    out = ops.rms_norm(x, stream, norm.weight, 1e-6)  # adds x into the stream in place
+    torch.testing.assert_close(stream, x + residual, atol=0, rtol=0)
+    torch.testing.assert_close(out, norm._norm(x + residual), **tol)
+    # RoPE in place on the q/k heads of a fused [T, heads + kv, hd] projection (a strided view)
+    qkv = torch.randn(T, heads + 2, hd, generator=g).to(dtype)
+    angles = torch.rand(T, hd // 2, generator=g) * 6
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    want = apply_rope(qkv[:, :heads], cos, sin)
+    untouched = qkv[:, heads:].clone()
+    ops.rope_(qkv[:, :heads], cos, sin)
+    torch.testing.assert_close(qkv[:, :heads], want, **tol)
+    assert torch.equal(qkv[:, heads:], untouched)
+    gate_up = torch.randn(T, 2 * inter, generator=g).to(dtype)
+    gate, up = gate_up.chunk(2, -1)
+    torch.testing.assert_close(ops.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up, **tol)

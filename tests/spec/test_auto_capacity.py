@@ -172,7 +172,9 @@ def test_stale_speculation_prices_drift_back_while_drafting_is_paused():
     batch = BatchInfo(8, 100)
     plain_t, verify_t = model.target_time(8, 8, 100.0), model.target_time(8, 16, 100.0)
     draft_t = model.draft_time(8, 100.0)
-    for _ in range(100):  # speculative steps timed during a slow spell
+    for _ in range(20):  # plain steps as profiled
+        sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
+    for _ in range(100):  # then speculative steps timed during a slow spell
         sel.observe_step(StepRecord(8, 16, 1, 100.0, 3 * (verify_t + draft_t), 3 * draft_t))
     assert sel.depth(batch) == 0
     for _ in range(16):  # a short pause keeps what was measured
@@ -244,3 +246,14 @@ def test_probes_wait_until_they_cost_little_next_to_plain_decoding():
     assert first_probe(0) == 4
     # catching up 2,400 tokens (0.24 s) waits for 0.24 / 0.03 = 8 s of plain steps (0.081 s each)
     assert first_probe(2400) == pytest.approx(0.248 / PROBE_BUDGET / 0.081, abs=2)
+
+
+def test_a_kind_of_step_not_yet_seen_follows_the_measured_one():
+    """A range where only plain steps ran so far prices speculation at the profile's relative cost
+    on the machine as measured, not at the profile's absolute times."""
+    model = cost(per_token=0.002, fixed=0.05, draft=0.006)
+    sel = AutoTetris(max_depth=2, cost=model)
+    plain_t = model.target_time(32, 32, 100.0)
+    for _ in range(100):  # the machine runs 30% slower than profiled
+        sel.observe_step(StepRecord(32, 32, 0, 100.0, 1.3 * plain_t))
+    assert sel.clock(32).ratio == pytest.approx({"plain": 1.3, "draft": 1.3, "verify": 1.3}, rel=0.01)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tetrispec.model.cpu_kernel import paged_attention_op
+from tetrispec.model.cpu_kernel import cpu_ops
 
 LONG_QUERY = 16  # a sequence with more new tokens than this sends the step to the per-sequence path
 CALL_COST_KEYS = 2048  # one more gather + SDPA call per layer costs about as much as this many padded keys
@@ -177,7 +177,7 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:  # [T, n_heads, hd]
     if meta.kernel_args is not None:  # the kernel writes the new keys and values itself
-        return paged_attention_op()(q, k, v, meta.slot_mapping, k_cache, v_cache, *meta.kernel_args,
+        return cpu_ops().paged_attention(q, k, v, meta.slot_mapping, k_cache, v_cache, *meta.kernel_args,
                                     meta.block_size, scale)
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)

@@ -1,11 +1,13 @@
-"""The C++ paged-attention kernel for CPU decode and verify steps, compiled on first use.
+"""The C++ kernels for CPU decode and verify steps, compiled on first use.
 
 PyTorch has no paged attention on CPU: the fallback gathers each sequence's blocks into a
 padded tensor per layer and runs SDPA on it (attention.py), which reads the cache twice and
-writes it once. The kernel (csrc/paged_attention.cpp) reads it once, in place. It is built
+writes it once. The kernel (csrc/paged_attention.cpp) reads it once, in place. The layer ops
+(csrc/layer_ops.cpp) fuse the residual add + RMSNorm, RoPE and SiLU-and-multiply, each several
+PyTorch ops whose dispatch costs more than their arithmetic at decode sizes. They are built
 with the C++ compiler torch.utils.cpp_extension finds (about a minute, once per machine:
-cached under ~/.cache/torch_extensions); without a compiler, or with
-TETRISPEC_CPU_KERNEL=0, the engine keeps the PyTorch path, which computes the same thing.
+cached under ~/.cache/torch_extensions); without a compiler, or with TETRISPEC_CPU_KERNEL=0,
+the engine keeps the PyTorch code, which computes the same thing.
 """
 
 from __future__ import annotations
@@ -16,27 +18,28 @@ import os
 import sys
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = [CSRC / "bindings.cpp", CSRC / "paged_attention.cpp", CSRC / "layer_ops.cpp"]
 
 
 @functools.cache
-def paged_attention_op():
-    """The compiled kernel's paged_attention function, or None when it is off or cannot be built."""
+def cpu_ops():
+    """The compiled module (paged_attention, rms_norm, rope_, silu_and_mul), or None when it is off
+    or cannot be built."""
     if os.environ.get("TETRISPEC_CPU_KERNEL", "1") == "0":
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        # -march=native code must not be reused on another CPU: the build name carries the source and the host
-        tag = hashlib.sha1(SOURCE.read_bytes() + _cpu_flags().encode()).hexdigest()[:12]
-        module = load(name=f"tetrispec_paged_attention_{tag}", sources=[str(SOURCE)],
-                      extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                      extra_ldflags=["-fopenmp"], verbose=False)
-        return module.paged_attention
-    except Exception as e:  # no compiler, no ninja, a failed build: the PyTorch path still works
+        # -march=native code must not be reused on another CPU: the build name carries the sources and the host
+        tag = hashlib.sha1(b"".join(p.read_bytes() for p in SOURCES) + _cpu_flags().encode()).hexdigest()[:12]
+        return load(name=f"tetrispec_cpu_ops_{tag}", sources=[str(p) for p in SOURCES],
+                    extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no ninja, a failed build: the PyTorch code still works
         reason = (str(e).splitlines() or [""])[0]
-        print(f"tetrispec: CPU paged-attention kernel unavailable ({type(e).__name__}: {reason}); "
-              "using the PyTorch path", file=sys.stderr)
+        print(f"tetrispec: CPU kernels unavailable ({type(e).__name__}: {reason}); using the PyTorch path",
+              file=sys.stderr)
         return None
 
 

@@ -14,6 +14,16 @@ from torch import nn
 
 from tetrispec.model.attention import AttentionMetadata, paged_attention
 from tetrispec.model.config import ModelConfig
+from tetrispec.model.cpu_kernel import cpu_ops
+
+
+def _fused_ops(x: torch.Tensor):
+    """The CPU kernels' fused layer ops where they apply: on CPU, without autograd (they have no
+    backward; distillation trains through the PyTorch ops), on the engine's flat contiguous
+    [tokens, dim] rows. None elsewhere, and the PyTorch ops compute the same thing."""
+    if x.device.type != "cpu" or torch.is_grad_enabled() or x.dim() != 2 or not x.is_contiguous():
+        return None
+    return cpu_ops()
 
 
 class RMSNorm(nn.Module):
@@ -22,7 +32,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); or, given the residual stream, (norm(x + residual), x + residual): the decoder's
+        add-then-normalize, one op on CPU (which updates residual in place)."""
+        ops = _fused_ops(x)
+        if ops is not None:
+            return ops.rms_norm(x, residual, self.weight, self.eps) if residual is None else (
+                ops.rms_norm(x, residual, self.weight, self.eps), residual)
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -87,10 +109,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         T = x.shape[0]
-        qk, v = self.qkv_proj(x).split([(self.n_heads + self.n_kv) * self.hd, self.n_kv * self.hd], dim=-1)
-        qk = apply_rope(qk.view(T, self.n_heads + self.n_kv, self.hd), cos, sin)  # q and k heads in one pass
+        qkv = self.qkv_proj(x).view(T, self.n_heads + 2 * self.n_kv, self.hd)
+        qk, v = qkv[:, : self.n_heads + self.n_kv], qkv[:, self.n_heads + self.n_kv :]
+        ops = _fused_ops(x)
+        if ops is not None:
+            ops.rope_(qk, cos, sin)  # in place, q and k heads in one pass
+        else:
+            qk = apply_rope(qk, cos, sin)
         q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
-        v = v.view(T, self.n_kv, self.hd)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(T, -1))
 
@@ -102,7 +128,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        ops = _fused_ops(gate_up)
+        if ops is not None:
+            return self.down_proj(ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -114,9 +144,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings at layer 0, with residual None);
+        residual: the stream before it. Returns this layer's (MLP output, residual stream): each add
+        of a sublayer's output happens inside the next norm, which fuses the two."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, kv_cache, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -168,9 +205,10 @@ class LlamaForCausalLM(nn.Module):
             input_ids = self.token_rows[input_ids]
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        residual = None
         for layer, kv in zip(self.model.layers, kv_caches):
-            x = layer(x, cos, sin, kv, meta)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv, meta)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary float32 logits [N, V]; tokens a reduced head cannot emit get -inf."""

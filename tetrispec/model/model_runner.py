@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tetrispec.model.attention import AttentionMetadata
-from tetrispec.model.cpu_kernel import paged_attention_op
+from tetrispec.model.cpu_kernel import cpu_ops
 from tetrispec.model.llama import LlamaForCausalLM
 
 
@@ -33,7 +33,7 @@ class ModelRunner:
             for _ in range(cfg.num_hidden_layers)
         ]
         # decode / verify attention straight over the paged cache on CPU, when the kernel builds
-        self.use_kernel = device.type == "cpu" and paged_attention_op() is not None
+        self.use_kernel = device.type == "cpu" and cpu_ops() is not None
         self.workspace = (torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device))
 
     @staticmethod

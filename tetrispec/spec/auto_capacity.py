@@ -142,6 +142,7 @@ class StepClock:
     entering: float = 0.0
     plain_run: int = 0  # consecutive plain steps observed
     spec_run: int = 0  # consecutive speculative steps observed
+    measured: set[str] = field(default_factory=set)  # kinds of step seen in this range
 
 
 def best_capacity(values: torch.Tensor, batch_size: int, fixed_time: float, cost: CostModel,
@@ -250,10 +251,12 @@ class AutoTetris(Selector):
         """Track how the real steps compare with the profile: plain steps, drafting, and the rest of a
         speculative step. The profile times bare forwards; a speculative step also pays for selection,
         verification bookkeeping and rollback, and the machine may have drifted since profiling. All
-        three are measured in the same run, so drift common to them cancels in the comparison. A
-        separate draft catch-up (the draft reading a prompt, or the tokens of a pause in drafting) is
-        left out: it is paid once per lag, not per step, and counting it would make a selector that
-        pauses drafting see every resumption as dear and never resume.
+        three are measured in the same run, so drift common to them cancels in the comparison. Until
+        a kind of step has run in this batch-size range, its ratio follows the measured one: the
+        profile's relative costs at the machine's current speed, not the profile's absolute ones
+        (which made a fresh range's speculative steps look cheap next to plain steps measured on a
+        slower machine). A separate draft catch-up (the draft reading a prompt, or the tokens of a
+        pause in drafting) is left out here: depth() prices it from the profile's per-token cost.
         """
         if self.cost is None:
             return
@@ -279,6 +282,10 @@ class AutoTetris(Selector):
         for kind, measured, predicted in parts:
             ratio = min(max(measured / predicted, 0.25), 8.0)  # one outlier (a GC pause) moves it little
             r[kind] = 0.95 * r[kind] + 0.05 * ratio
+            clock.measured.add(kind)
+        source = "plain" if record.depth == 0 else "verify"
+        for kind in r.keys() - clock.measured:
+            r[kind] = r[source]
 
     def keep_going(self, batch: BatchInfo):
         def decide(logprobs: torch.Tensor) -> bool:  # [B, j] drafted so far
