@@ -16,6 +16,7 @@ fit is cached on disk, keyed by model, device and dtype.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -52,6 +53,12 @@ def _segment(knots: list[float], x: float) -> tuple[int, int, float]:
     return i - 1, i, (x - knots[i - 1]) / (knots[i] - knots[i - 1])
 
 
+@functools.lru_cache(maxsize=256)
+def _as_tensors(knots: tuple[float, ...], values: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Knot tensors of one curve, built once: best_capacity evaluates curves several times a step."""
+    return torch.tensor(knots, dtype=torch.float64), torch.tensor(values, dtype=torch.float64)
+
+
 def _interp(knots: list[float], values: list[float], x):
     """Piecewise-linear values at x (a float or a tensor), extended along the end segments."""
     if not isinstance(x, torch.Tensor):
@@ -59,8 +66,7 @@ def _interp(knots: list[float], values: list[float], x):
         return values[i0] + (values[i1] - values[i0]) * w
     if len(knots) == 1:
         return torch.full_like(x, values[0], dtype=torch.float64)
-    xs = torch.tensor(knots, dtype=torch.float64)
-    ys = torch.tensor(values, dtype=torch.float64)
+    xs, ys = _as_tensors(tuple(knots), tuple(values))
     xt = x.to(torch.float64)
     i = torch.searchsorted(xs, xt.contiguous()).clamp(1, len(knots) - 1)
     return ys[i - 1] + (ys[i] - ys[i - 1]) * (xt - xs[i - 1]) / (xs[i] - xs[i - 1])
