@@ -37,8 +37,8 @@ class RMSNorm(nn.Module):
         add-then-normalize, one op on CPU (which updates residual in place)."""
         ops = _fused_ops(x)
         if ops is not None:
-            return ops.rms_norm(x, residual, self.weight, self.eps) if residual is None else (
-                ops.rms_norm(x, residual, self.weight, self.eps), residual)
+            out = ops.rms_norm(x, residual, self.weight, self.eps)
+            return out if residual is None else (out, residual)
         if residual is None:
             return self._norm(x)
         residual = x + residual

@@ -8,6 +8,8 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <optional>
+#include <vector>
 
 namespace {
 
