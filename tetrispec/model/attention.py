@@ -178,7 +178,7 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, n_heads, hd]
     if meta.kernel_args is not None:  # the kernel writes the new keys and values itself
         return cpu_ops().paged_attention(q, k, v, meta.slot_mapping, k_cache, v_cache, *meta.kernel_args,
-                                    meta.block_size, scale)
+                                         meta.block_size, scale)
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     if meta.spans is not None:

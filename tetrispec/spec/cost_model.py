@@ -289,13 +289,14 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
             d_x.append(b)
             d_c.append(c)
             d_y.append(_time_forward(draft, b, c, 1, repeats))
+    verify = fit_grid(t_b, t_q, t_c, t_y)
     if draft is None:
-        return CostModel(fit_grid(t_b, t_q, t_c, t_y), PiecewiseLinear([1.0], [0.0], 0.0))
+        return CostModel(verify, PiecewiseLinear([1.0], [0.0], 0.0))
     # a catch-up forward as the proposer runs it: long queries, no logits
     prefill = 0.0
     if 2 * (CATCH_UP_PROBE + 16) <= num_slots:
         prefill = _time_forward(draft, 2, 0, CATCH_UP_PROBE, repeats, logits_for="none") / (2 * CATCH_UP_PROBE)
-    return CostModel(fit_grid(t_b, t_q, t_c, t_y), fit_piecewise(d_x, d_c, d_y), prefill)
+    return CostModel(verify, fit_piecewise(d_x, d_c, d_y), prefill)
 
 
 def load_or_profile(path: Path, target: ModelRunner, draft: ModelRunner | None, max_batch: int,
