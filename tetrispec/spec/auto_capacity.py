@@ -10,8 +10,9 @@ Two pieces:
   (the estimated probability that it is accepted), then picks the capacity C that maximizes
   expected emitted tokens per second, (B + sum of the C best estimates) / predicted step time,
   with the profiled cost model. C = 0 is a plain decode step. Drafting stops at the depth
-  where one more level could no longer raise that rate, and is skipped entirely when even
-  a typical first level would not pay.
+  where one more level is not expected to pay for its draft forward (the next token's
+  confidence predicted from how confidence moved along past drafts), and is skipped entirely
+  when even a typical first level would not pay.
 Only draft-side information (and past outcomes) drives the choice: verification stays lossless.
 """
 
@@ -21,6 +22,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tetrispec.spec.cost_model import CostModel, StepRecord, isotonic
@@ -35,97 +37,135 @@ class AcceptanceEstimator:
     in an easier context, so on the default pair a q = 0.6 token is accepted about 55% of the
     time at position 0 and 75-80% deeper. A position's table is shrunk toward the pooled one
     (which is shrunk toward q itself), so a sparsely seen position follows the pooled fit.
+
+    It also counts how a draft's confidence moves from one position to the next (q bin -> next
+    q bin, draft-side only), which prices drafting one more level before it is drafted.
+    Everything is a small numpy table: it is read and updated on every step, where torch's
+    per-call overhead cost a millisecond a step.
     """
 
     def __init__(self, num_bins: int = 20, positions: int = 3, prior_weight: float = 8.0, warmup: int = 500,
-                 reliability_bins: int = 10) -> None:
+                 reliability_bins: int = 10, refit_every: int = 32) -> None:
         self.num_bins, self.positions = num_bins, positions
         self.prior_weight = prior_weight
         self.warmup = warmup
-        self.centers = [(b + 0.5) / num_bins for b in range(num_bins)]
-        self.trials = [[0.0] * num_bins for _ in range(positions)]
-        self.accepts = [[0.0] * num_bins for _ in range(positions)]
+        self.centers = (np.arange(num_bins) + 0.5) / num_bins
+        self.trials = np.zeros((positions, num_bins))
+        self.accepts = np.zeros((positions, num_bins))
+        self.transitions = np.zeros((num_bins, num_bins))  # [q bin at j, q bin at j + 1], drafted pairs
         # reliability of the estimates as they were used (after warm-up), per estimate bin
         self.reliability_bins = reliability_bins
         self.seen = 0
-        self.rel_n = [0] * reliability_bins
-        self.rel_pred = [0.0] * reliability_bins
-        self.rel_hits = [0.0] * reliability_bins
+        # refit after this many outcomes (a refit is ~0.1 ms; one step's outcomes move the fit little)
+        self.refit_every = refit_every
+        self.rel_n = np.zeros(reliability_bins)
+        self.rel_pred = np.zeros(reliability_bins)
+        self.rel_hits = np.zeros(reliability_bins)
         self._refit()
 
-    def _row(self, positions: torch.Tensor | int) -> torch.Tensor:
+    def _row(self, positions) -> np.ndarray:
         """The table of each position (the last one serves every deeper position)."""
-        return torch.as_tensor(positions).cpu().clamp(max=self.positions - 1)
+        return np.minimum(_array(positions).astype(np.int64), self.positions - 1)
 
-    def _bin(self, q: torch.Tensor, bins: int) -> torch.Tensor:
-        return (q * bins).long().clamp_(0, bins - 1)
+    @staticmethod
+    def _bin(q: np.ndarray, bins: int) -> np.ndarray:
+        """q in [0, 1] -> bin index (q = 1 in the top bin)."""
+        return np.minimum((q * bins).astype(np.int64), bins - 1)
 
     def _refit(self) -> None:
-        def fit(trials: list[float], accepts: list[float], prior: list[float]) -> list[float]:
-            w = [t + self.prior_weight for t in trials]
-            raw = [(a + self.prior_weight * p) / wi for a, p, wi in zip(accepts, prior, w)]
-            return isotonic(raw, w)
+        self.pending = 0
+        def fit(trials: np.ndarray, accepts: np.ndarray, prior: np.ndarray) -> list[float]:
+            w = trials + self.prior_weight
+            return isotonic(((accepts + self.prior_weight * prior) / w).tolist(), w.tolist())
 
-        pooled = fit([sum(t) for t in zip(*self.trials)], [sum(a) for a in zip(*self.accepts)], self.centers)
-        self.table = torch.tensor([fit(t, a, pooled) for t, a in zip(self.trials, self.accepts)])  # [P, bins]
+        pooled = np.array(fit(self.trials.sum(0), self.accepts.sum(0), self.centers))
+        self.table = np.array([fit(t, a, pooled) for t, a in zip(self.trials, self.accepts)])  # [P, bins]
+        self._refit_moves()
 
-    def estimate(self, q: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
-        """q: draft probabilities of proposed tokens (any shape); positions: their depth in the draft
-        (0 = first), same shape or an int -> acceptance estimates."""
-        q = q.float().cpu()
-        return self.table[self._row(positions).expand_as(q), self._bin(q, self.num_bins)]
+    def _refit_moves(self) -> None:
+        # next q bin given this one: the counts plus one pseudo-count spread evenly (an unseen bin is agnostic)
+        counts = self.transitions + 1.0 / self.num_bins
+        self.next_bin = counts / counts.sum(1, keepdims=True)  # [bins, bins]
 
-    def estimate_drafts(self, q: torch.Tensor) -> torch.Tensor:
+    def estimate(self, q, positions) -> np.ndarray:
+        """q: draft probabilities of proposed tokens (any shape, array or CPU tensor); positions: their
+        depth in the draft (0 = first), same shape or an int -> acceptance estimates (float64 array)."""
+        q = _array(q)
+        return self.table[self._row(positions), self._bin(q, self.num_bins)]  # index arrays broadcast
+
+    def estimate_drafts(self, q) -> np.ndarray:
         """q [B, K]: each request's draft, position j in column j."""
-        return self.estimate(q, torch.arange(q.shape[1]).expand(q.shape[0], -1))
+        q = _array(q)
+        return self.estimate(q, np.arange(q.shape[1]))
 
-    @property
-    def max_estimate(self) -> float:
-        return float(self.table.max())
+    def expected_next_gain(self, q_last: np.ndarray, cum_last: np.ndarray, position: int, threshold: float) -> float:
+        """Expected sum over requests of max(0, estimate of their next draft token - threshold), the
+        next token's q unknown: its bin follows the counted moves from the last token's q bin."""
+        probs = self.next_bin[self._bin(q_last, self.num_bins)]  # [B, bins]
+        values = cum_last[:, None] * self.table[min(position, self.positions - 1)][None, :]
+        return float((probs * np.maximum(values - threshold, 0.0)).sum())
 
-    def update(self, q: torch.Tensor, positions: torch.Tensor, outcomes: torch.Tensor) -> None:
+    def update(self, q, positions, outcomes) -> None:
         """Verified tokens whose prefix was accepted: draft probabilities q [N], positions [N], outcomes [N] 0/1."""
-        if q.numel() == 0:
+        q, outcomes = _array(q), _array(outcomes).astype(np.float64)
+        if q.size == 0:
             return
-        outcomes = outcomes.float().cpu()
         if self.seen >= self.warmup:
             pred = self.estimate(q, positions)
-            for b, p, o in zip(self._bin(pred, self.reliability_bins).tolist(), pred.tolist(), outcomes.tolist()):
-                self.rel_n[b] += 1
-                self.rel_pred[b] += p
-                self.rel_hits[b] += o
-        self.seen += q.numel()
-        rows = self._row(positions).tolist()
-        for p, b, o in zip(rows, self._bin(q.float().cpu(), self.num_bins).tolist(), outcomes.tolist()):
-            self.trials[p][b] += 1
-            self.accepts[p][b] += o
-        self._refit()
+            b = self._bin(pred, self.reliability_bins)
+            np.add.at(self.rel_n, b, 1)
+            np.add.at(self.rel_pred, b, pred)
+            np.add.at(self.rel_hits, b, outcomes)
+        self.seen += q.size
+        cell = (self._row(positions), self._bin(q, self.num_bins))
+        np.add.at(self.trials, cell, 1)
+        np.add.at(self.accepts, cell, outcomes)
+        self.pending += q.size
+        if self.pending >= self.refit_every or self.seen <= self.warmup:
+            self._refit()
+
+    def count_transitions(self, q: np.ndarray) -> None:
+        """q [B, K]: the drafts of one step (draft-side only: every drafted pair counts, verified or not)."""
+        if q.shape[1] > 1:
+            b = self._bin(q, self.num_bins)
+            np.add.at(self.transitions, (b[:, :-1].ravel(), b[:, 1:].ravel()), 1)
+            self._refit_moves()
 
     def reliability(self) -> dict:
         """Reliability table and expected calibration error (10 equal-width estimate bins, the usual
         choice) of the estimates as they were used after warm-up."""
-        rows, total, ece = [], sum(self.rel_n), 0.0
+        rows, total, ece = [], float(self.rel_n.sum()), 0.0
         nb = self.reliability_bins
         for b in range(nb):
-            n = self.rel_n[b]
+            n = float(self.rel_n[b])
             if n:
                 pred, obs = self.rel_pred[b] / n, self.rel_hits[b] / n
                 ece += n / total * abs(pred - obs)
-                rows.append({"bin": [b / nb, (b + 1) / nb], "count": n,
-                             "mean_estimate": round(pred, 4), "acceptance_rate": round(obs, 4)})
+                rows.append({"bin": [b / nb, (b + 1) / nb], "count": int(n),
+                             "mean_estimate": round(float(pred), 4), "acceptance_rate": round(float(obs), 4)})
         return {"observations": self.seen, "ece": round(ece, 4) if total else None, "table": rows}
 
     def state(self) -> dict:
-        return {"num_bins": self.num_bins, "positions": self.positions, "trials": self.trials,
-                "accepts": self.accepts}
+        return {"num_bins": self.num_bins, "positions": self.positions, "trials": self.trials.tolist(),
+                "accepts": self.accepts.tolist(), "transitions": self.transitions.tolist()}
 
     def load_state(self, state: dict) -> None:
         """Take a persisted fit of the same shape (anything else, e.g. an older format, is ignored)."""
         if state.get("num_bins") == self.num_bins and state.get("positions") == self.positions:
-            self.trials = [list(t) for t in state["trials"]]
-            self.accepts = [list(a) for a in state["accepts"]]
+            self.trials = np.array(state["trials"], dtype=np.float64)
+            self.accepts = np.array(state["accepts"], dtype=np.float64)
+            if "transitions" in state:
+                self.transitions = np.array(state["transitions"], dtype=np.float64)
             self.seen = self.warmup  # a persisted fit is past its warm-up
             self._refit()
+
+
+def _array(x) -> np.ndarray:
+    """A float/int array from a numpy array, a tensor (any device) or a Python number/list."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).numpy()
+    return np.asarray(x)
 
 
 @dataclass
@@ -145,16 +185,15 @@ class StepClock:
     measured: set[str] = field(default_factory=set)  # kinds of step seen in this range
 
 
-def best_capacity(values: torch.Tensor, batch_size: int, fixed_time: float, cost: CostModel,
-                  mean_len: float, verify_scale: float = 1.0) -> tuple[int, float]:
-    """values: estimated acceptance of every candidate token (sorted or not).
+def best_capacity(values, batch_size: int, fixed_time: float, cost: CostModel, mean_len: float,
+                  verify_scale: float = 1.0) -> tuple[int, float]:
+    """values: estimated acceptance of every candidate token (any shape, sorted or not).
 
     Returns (C, rate): the C best tokens maximize (B + their sum) / (fixed_time + verify(B + C)).
     """
-    v = values.flatten().sort(descending=True).values.double()
-    gains = torch.cat([torch.zeros(1, dtype=torch.float64), v.cumsum(0)])  # [N + 1]
-    c = torch.arange(gains.numel(), dtype=torch.float64)
-    times = fixed_time + verify_scale * cost.target_time(batch_size, batch_size + c, mean_len)
+    v = -np.sort(-_array(values).astype(np.float64).ravel())
+    gains = np.concatenate([[0.0], np.cumsum(v)])  # [N + 1]
+    times = fixed_time + verify_scale * cost.target_time(batch_size, batch_size + np.arange(gains.size), mean_len)
     rates = (batch_size + gains) / times
     best = int(rates.argmax())
     return best, float(rates[best])
@@ -288,48 +327,54 @@ class AutoTetris(Selector):
             r[kind] = r[source]
 
     def keep_going(self, batch: BatchInfo):
+        """Draft one more level when its expected worth beats its cost. Stopping now gives the best
+        rate R over what is drafted; a next-level token of estimate v can then be verified for a
+        marginal time dt, which pays when v > R * dt, so the level is worth E[sum max(0, v - R * dt)]
+        tokens, against R * (its draft time) tokens that forward costs. v is the request's running
+        product times the next token's estimate, whose q follows the counted moves from the last one.
+        """
         def decide(logprobs: torch.Tensor) -> bool:  # [B, j] drafted so far
             B, j = logprobs.shape
-            cum = self.estimator.estimate_drafts(logprobs.exp()).cumprod(1)
+            q = np.exp(_array(logprobs))
+            cum = np.cumprod(self.estimator.estimate_drafts(q), 1)
             r = self.clock(B).ratio
             draft_t = r["draft"] * self.cost.draft_time(B, batch.mean_len)
             scale = r["verify"]
-            _, rate_now = best_capacity(cum, B, j * draft_t, self.cost, batch.mean_len, scale)
-            optimistic_next = cum[:, -1] * self.estimator.max_estimate
-            _, rate_next = best_capacity(torch.cat([cum.flatten(), optimistic_next]), B, (j + 1) * draft_t,
-                                         self.cost, batch.mean_len, scale)
-            return rate_next > rate_now
+            capacity, rate = best_capacity(cum, B, j * draft_t, self.cost, batch.mean_len, scale)
+            # marginal verify time per token over the next B tokens (a whole next level)
+            t = self.cost.target_time(B, np.array([B + capacity, 2 * B + capacity], dtype=np.float64), batch.mean_len)
+            dt = scale * float(t[1] - t[0]) / B
+            worth = self.estimator.expected_next_gain(q[:, -1], cum[:, -1], j, rate * dt)
+            return worth > rate * draft_t
 
         return decide
 
     # --- which drafts to verify ----------------------------------------------------------
     def select(self, draft_logprobs: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
         B, K = draft_logprobs.shape
-        cum = self.estimator.estimate_drafts(draft_logprobs.exp()).cumprod(1)  # [B, K] P(token accepted)
-        for j in range(K):
-            self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * float(cum[:, j].mean())
+        q = np.exp(_array(draft_logprobs))
+        cum = np.cumprod(self.estimator.estimate_drafts(q), 1)  # [B, K] P(token accepted)
+        for j, m in enumerate(cum.mean(0).tolist()):
+            self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * m
         r = self.clock(B).ratio
         draft_t = K * r["draft"] * self.cost.draft_time(B, batch.mean_len)
         capacity, _ = best_capacity(cum, B, draft_t, self.cost, batch.mean_len, r["verify"])
         self.last_capacity = capacity
         # the same position-major stable order as tetris_select: prefixes, ties to shallow
-        order = torch.sort(cum.t().reshape(-1), descending=True, stable=True).indices[:capacity]
-        return torch.bincount(order % B, minlength=B)
+        order = np.argsort(-cum.T.ravel(), kind="stable")[:capacity]
+        return torch.from_numpy(np.bincount(order % B, minlength=B))
 
     def observe(self, proposal_logprobs: torch.Tensor, lengths: list[int], accepted: list[int]) -> None:
-        qs, positions, outcomes = [], [], []
-        probs = proposal_logprobs.exp().cpu()
-        for i, (l, a) in enumerate(zip(lengths, accepted)):
-            seen = min(l, a + 1)  # tokens whose prefix was accepted
-            qs.append(probs[i, :seen])
-            positions.append(torch.arange(seen))
-            outcomes.append((torch.arange(seen) < a).float())
-        if qs:
-            before = self.estimator.seen
-            self.estimator.update(torch.cat(qs), torch.cat(positions), torch.cat(outcomes))
-            if self.state_path and self.estimator.seen // 1000 != before // 1000:
-                self.state_path.parent.mkdir(parents=True, exist_ok=True)
-                self.state_path.write_text(json.dumps({**self.estimator.state(), "level_means": self.level_means}))
+        probs = np.exp(_array(proposal_logprobs))  # [B, K]
+        self.estimator.count_transitions(probs)
+        accepted = np.asarray(accepted)
+        pos = np.arange(probs.shape[1])
+        rows, cols = np.nonzero(pos[None, :] < np.minimum(lengths, accepted + 1)[:, None])  # prefix accepted
+        before = self.estimator.seen
+        self.estimator.update(probs[rows, cols], cols, cols < accepted[rows])
+        if self.state_path and self.estimator.seen // 1000 != before // 1000:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            self.state_path.write_text(json.dumps({**self.estimator.state(), "level_means": self.level_means}))
 
     def calibration(self) -> dict:
         out = self.estimator.reliability()

@@ -16,13 +16,13 @@ fit is cached on disk, keyed by model, device and dtype.
 from __future__ import annotations
 
 import bisect
-import functools
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -53,28 +53,25 @@ def _segment(knots: list[float], x: float) -> tuple[int, int, float]:
     return i - 1, i, (x - knots[i - 1]) / (knots[i] - knots[i - 1])
 
 
-@functools.lru_cache(maxsize=256)
-def _as_tensors(knots: tuple[float, ...], values: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Knot tensors of one curve, built once: best_capacity evaluates curves several times a step."""
-    return torch.tensor(knots, dtype=torch.float64), torch.tensor(values, dtype=torch.float64)
-
-
-def _interp(knots: list[float], values: list[float], x):
-    """Piecewise-linear values at x (a float or a tensor), extended along the end segments."""
-    if not isinstance(x, torch.Tensor):
+def _interp(knots: list[float], values, x):
+    """Piecewise-linear values at x (a float, or an array of points -> a float64 array), extended
+    along the end segments. Arrays go through numpy: a step's capacity choice evaluates a curve
+    at a hundred points several times, where torch's per-call overhead would dominate."""
+    if isinstance(x, (int, float)):
         i0, i1, w = _segment(knots, float(x))
         return values[i0] + (values[i1] - values[i0]) * w
+    xt = np.asarray(x, dtype=np.float64)
+    ys = np.asarray(values, dtype=np.float64)
     if len(knots) == 1:
-        return torch.full_like(x, values[0], dtype=torch.float64)
-    xs, ys = _as_tensors(tuple(knots), tuple(values))
-    xt = x.to(torch.float64)
-    i = torch.searchsorted(xs, xt.contiguous()).clamp(1, len(knots) - 1)
+        return np.full_like(xt, ys[0])
+    xs = np.asarray(knots, dtype=np.float64)
+    i = np.searchsorted(xs[1:-1], xt) + 1  # the segment's right knot, end segments extended
     return ys[i - 1] + (ys[i] - ys[i - 1]) * (xt - xs[i - 1]) / (xs[i] - xs[i - 1])
 
 
 def _at_least_a_microsecond(t):
-    """A predicted time (float or tensor) kept positive: rates divide by it."""
-    return max(t, 1e-6) if not isinstance(t, torch.Tensor) else t.clamp_min(1e-6)
+    """A predicted time (float or array) kept positive: rates divide by it."""
+    return np.maximum(t, 1e-6) if isinstance(t, np.ndarray) else max(t, 1e-6)
 
 
 @dataclass
@@ -100,12 +97,13 @@ class VerifyGrid:
     slope_token_ctx: float  # seconds per query token per context token (its scores)
 
     def __call__(self, batch_size: float, num_tokens, ctx: float):
-        """num_tokens: a float or a tensor of token counts, all at this batch size."""
+        """num_tokens: a float, or an array (or CPU tensor) of token counts at this batch size."""
         b = float(batch_size)
-        if isinstance(num_tokens, torch.Tensor):
-            num_tokens = num_tokens.double()
+        if not isinstance(num_tokens, (int, float)):
+            num_tokens = np.asarray(num_tokens, dtype=np.float64)
         i0, i1, w = _segment(self.batches, b)
-        row = [v0 + (v1 - v0) * w for v0, v1 in zip(self.values[i0], self.values[i1])]
+        v0, v1 = self.values[i0], self.values[i1]
+        row = [a + (c - a) * w for a, c in zip(v0, v1)]
         return _at_least_a_microsecond(_interp(self.query_lens, row, num_tokens / b) + self.slope_seq_ctx * b * ctx
                                        + self.slope_token_ctx * num_tokens * ctx)
 
@@ -130,7 +128,7 @@ class CostModel:
 
     def target_time(self, batch_size: int, num_tokens, mean_len: float):
         """Seconds of one target forward: batch_size sequences, num_tokens query tokens in all
-        (a float, or a tensor of counts at the same batch size)."""
+        (a float, or an array of counts at the same batch size -> an array)."""
         return self.target(batch_size, num_tokens, mean_len)
 
     def draft_time(self, batch_size: float, mean_len: float) -> float:
