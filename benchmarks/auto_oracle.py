@@ -32,6 +32,7 @@ def run(prompts: list[list[int]], params: list[SamplingParams], **kw) -> dict:
                              "oracle_efficiency")}
     if "calibration" in s:
         out["calibration_ece"] = s["calibration"]["ece"]
+        out["calibration_ece_floor"] = s["calibration"]["ece_floor"]
         out["calibration_observations"] = s["calibration"]["observations"]
     cost = CostModel.load(kw["profile_path"]) if kw.get("profile_path") else None
     if cost is not None:  # the trace counts the selected drafts, not the shadow oracle's extra verification

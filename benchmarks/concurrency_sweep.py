@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from interleave import MethodSwitch, chat_requests, compare
+from interleave import MethodSwitch, calibration_fields, chat_requests, compare, pooled_calibration
 
 from tetrispec import LLM
 from tetrispec.bench.datasets import load_dataset
@@ -76,12 +76,16 @@ def main() -> None:
             row = {"method": name, "selector": switch.selectors[name].name, "concurrency": c,
                    "prompts": n * args.rounds, "rounds": args.rounds, **tally.summary()}
             if name == "tetris-auto":
-                cal = switch.selectors[name].calibration()
-                row["calibration_ece"], row["calibration_observations"] = cal["ece"], cal["observations"]
+                row.update(calibration_fields(switch.selectors[name]))
             rows.append(row)
             print(json.dumps(row), flush=True)
         results_path.write_text(json.dumps(rows, indent=1))
         del llm
+    pooled = pooled_calibration(rows)
+    if pooled is not None:
+        (out / "calibration.json").write_text(json.dumps(pooled, indent=1))
+        print(f"auto calibration over the sweep: ECE {pooled['ece']} (chance floor {pooled['ece_floor']}) "
+              f"on {pooled['scored']} scored outcomes", flush=True)
     plot(rows, out / "throughput_vs_concurrency.png")
 
 

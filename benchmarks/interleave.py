@@ -19,9 +19,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tetrispec import LLM, SamplingParams
 from tetrispec.bench.datasets import BenchRequest
 from tetrispec.config import SpecConfig
+from tetrispec.spec.auto_capacity import reliability_table
 from tetrispec.spec.cost_model import CostModel
 from tetrispec.spec.stats import SpecStats
 
@@ -78,6 +81,27 @@ class MethodSwitch:
         else:
             engine.set_speculation(spec)
             self.selectors[name] = engine.selector
+
+
+def calibration_fields(selector) -> dict:
+    """An auto selector's calibration for a results row: ECE with its sampling floor, outcomes scored
+    (after warm-up, in this process), and the raw bins, which pool across rows (pooled_calibration)."""
+    est = selector.estimator
+    cal = selector.calibration()
+    return {"calibration_ece": cal["ece"], "calibration_ece_floor": cal["ece_floor"],
+            "calibration_scored": int(est.rel_n.sum()),
+            "calibration_bins": {"counts": est.rel_n.tolist(), "estimates": est.rel_pred.tolist(),
+                                 "hits": est.rel_hits.tolist()}}
+
+
+def pooled_calibration(rows: list[dict]) -> dict | None:
+    """Reliability over every row's scored outcomes (e.g. all concurrencies of a sweep)."""
+    bins = [r["calibration_bins"] for r in rows if "calibration_bins" in r]
+    if not bins:
+        return None
+    total = {k: np.sum([b[k] for b in bins], axis=0) for k in ("counts", "estimates", "hits")}
+    return {"scored": int(total["counts"].sum()),
+            **reliability_table(total["counts"], total["estimates"], total["hits"])}
 
 
 def run_once(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], cost: CostModel | None,

@@ -54,8 +54,14 @@ def concurrency() -> None:
     if auto:
         print("\nauto capacity: VSR " + ", ".join(f"c={r['concurrency']}: {fmt(r['vsr'], 2)}" for r in auto)
               + "; verified tokens " + ", ".join(str(r["verified_tokens"]) for r in auto)
-              + "; ECE " + ", ".join(fmt(r.get("calibration_ece"), 3) for r in auto)
-              + " after " + ", ".join(str(r.get("calibration_observations")) for r in auto) + " outcomes")
+              + "; ECE (chance floor, outcomes scored) " + ", ".join(
+                  f"{fmt(r.get('calibration_ece'), 3)} ({fmt(r.get('calibration_ece_floor'), 3)}, "
+                  f"{r.get('calibration_scored')})" for r in auto))
+    pooled = R / "concurrency_cpu" / "calibration.json"
+    if pooled.exists():
+        cal = json.loads(pooled.read_text())
+        print(f"\npooled over the sweep: ECE {cal['ece']} (chance floor {cal['ece_floor']}) "
+              f"on {cal['scored']} outcomes")
 
 
 def grid_table(rows: list[dict], key: str) -> None:

@@ -37,7 +37,7 @@ if step spec_methods; then
 fi
 if step concurrency; then
   rm -f $R/concurrency_cpu/results.json  # the script resumes from it; a fresh sweep starts empty
-  python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --min-prompts 6 --prompts-per-seq 2 --rounds 2 \
+  python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --min-prompts 10 --prompts-per-seq 2 --rounds 2 \
     --max-output 48 --profile $PROFILE --out $R/concurrency_cpu 2>&1 | grep --line-buffered -v torn | tee $R/concurrency_cpu.log
 fi
 if step auto_oracle; then

@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from interleave import MethodSwitch, Tally, chat_requests, compare, method_spec, run_once
+from interleave import MethodSwitch, Tally, calibration_fields, chat_requests, compare, method_spec, run_once
 
 from tetrispec import LLM
 from tetrispec.bench.datasets import load_dataset
@@ -85,8 +85,7 @@ def main() -> None:
         selector = switch.selectors[name]
         row = {"config": name, "selector": selector.name, **cfg, **tallies[name].summary()}
         if name == "tetris-auto":
-            cal = selector.calibration()
-            row["calibration_ece"], row["calibration_observations"] = cal["ece"], cal["observations"]
+            row.update(calibration_fields(selector))
         if cfg["method"] != "none" and args.oracle_prompts:
             switch.use(name, method_spec(base, shadow_oracle=True, **cfg))
             oracle = Tally()

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from tetrispec.spec.auto_capacity import PROBE_BUDGET, AcceptanceEstimator, AutoTetris, best_capacity
+from tetrispec.spec.auto_capacity import (
+    PROBE_BUDGET,
+    AcceptanceEstimator,
+    AutoTetris,
+    best_capacity,
+    reliability_table,
+)
 from tetrispec.spec.cost_model import CostModel, StepRecord, isotonic
 from tetrispec.spec.selectors import BatchInfo
 
@@ -62,6 +68,22 @@ def test_estimator_converges_to_a_known_acceptance_curve_per_position():
     assert rel["ece"] is not None and rel["ece"] < 0.03
     assert len(rel["table"]) <= 10
     assert sum(r["count"] for r in rel["table"]) == 120 * 500 - 2000
+    assert rel["ece_floor"] < 0.01  # 58,000 outcomes: chance alone explains little of an ECE
+
+
+def test_ece_floor_is_what_a_calibrated_estimator_shows_by_chance():
+    g = np.random.default_rng(3)
+    eces, floors = [], []
+    for n in (100, 300, 2000):
+        for _ in range(300):
+            p = g.random(n)  # perfectly calibrated: each outcome is drawn with its estimate's probability
+            hits = (g.random(n) < p).astype(float)
+            b = np.minimum((p * 10).astype(int), 9)
+            out = reliability_table(np.bincount(b, minlength=10), np.bincount(b, p, 10), np.bincount(b, hits, 10))
+            eces.append(out["ece"])
+            floors.append(out["ece_floor"])
+        assert np.mean(eces[-300:]) == pytest.approx(np.mean(floors[-300:]), rel=0.15)
+    assert np.mean(floors[:300]) > 0.05 > np.mean(floors[-300:])  # 100 outcomes: 0.05 is within chance
 
 
 def test_estimate_drafts_reads_columns_as_positions():

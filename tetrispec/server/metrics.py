@@ -122,6 +122,9 @@ class _EngineCollector:
             yield gauge("tetrispec:acceptance_estimator_ece",
                         "Expected calibration error of the acceptance estimates used after warm-up.",
                         cal["ece"] if cal["ece"] is not None else float("nan"))
+            yield gauge("tetrispec:acceptance_estimator_ece_floor",
+                        "ECE a perfectly calibrated estimator would show by chance with these bin counts.",
+                        cal["ece_floor"] if cal["ece_floor"] is not None else float("nan"))
             yield gauge("tetrispec:acceptance_estimator_observations", "Verification outcomes learned from.",
                         cal["observations"])
             yield gauge("tetrispec:spec_capacity", "Drafts verified in the last speculative step (chosen C).",

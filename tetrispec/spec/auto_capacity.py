@@ -19,6 +19,7 @@ Only draft-side information (and past outcomes) drives the choice: verification 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,18 +133,9 @@ class AcceptanceEstimator:
             self._refit_moves()
 
     def reliability(self) -> dict:
-        """Reliability table and expected calibration error (10 equal-width estimate bins, the usual
-        choice) of the estimates as they were used after warm-up."""
-        rows, total, ece = [], float(self.rel_n.sum()), 0.0
-        nb = self.reliability_bins
-        for b in range(nb):
-            n = float(self.rel_n[b])
-            if n:
-                pred, obs = self.rel_pred[b] / n, self.rel_hits[b] / n
-                ece += n / total * abs(pred - obs)
-                rows.append({"bin": [b / nb, (b + 1) / nb], "count": int(n),
-                             "mean_estimate": round(float(pred), 4), "acceptance_rate": round(float(obs), 4)})
-        return {"observations": self.seen, "ece": round(ece, 4) if total else None, "table": rows}
+        """Reliability table and expected calibration error of the estimates as they were used after
+        warm-up (see reliability_table)."""
+        return {"observations": self.seen, **reliability_table(self.rel_n, self.rel_pred, self.rel_hits)}
 
     def state(self) -> dict:
         return {"num_bins": self.num_bins, "positions": self.positions, "trials": self.trials.tolist(),
@@ -158,6 +150,28 @@ class AcceptanceEstimator:
                 self.transitions = np.array(state["transitions"], dtype=np.float64)
             self.seen = self.warmup  # a persisted fit is past its warm-up
             self._refit()
+
+
+def reliability_table(counts: np.ndarray, estimates: np.ndarray, hits: np.ndarray) -> dict:
+    """Per estimate bin (10 equal-width bins, the usual choice): count, sum of estimates, accepted.
+
+    Returns the rows, the expected calibration error (ECE), and its sampling floor: the ECE that a
+    perfectly calibrated estimator would show on average with these bin counts, sum over bins of
+    n_b / N * E|mean of n_b Bernoulli(p_b) draws - p_b| ~ sqrt(2 p_b (1 - p_b) / (pi n_b)). With a few
+    hundred outcomes the floor alone is a few percent, which an ECE must be read against.
+    """
+    rows, total, ece, floor = [], float(counts.sum()), 0.0, 0.0
+    nb = len(counts)
+    for b in range(nb):
+        n = float(counts[b])
+        if n:
+            pred, obs = float(estimates[b]) / n, float(hits[b]) / n
+            ece += n / total * abs(pred - obs)
+            floor += n / total * math.sqrt(2 * pred * (1 - pred) / (math.pi * n))
+            rows.append({"bin": [b / nb, (b + 1) / nb], "count": int(n),
+                         "mean_estimate": round(float(pred), 4), "acceptance_rate": round(float(obs), 4)})
+    return {"ece": round(ece, 4) if total else None, "ece_floor": round(floor, 4) if total else None,
+            "table": rows}
 
 
 def _array(x) -> np.ndarray:
