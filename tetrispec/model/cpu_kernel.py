@@ -16,6 +16,7 @@ import functools
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -29,11 +30,16 @@ def cpu_ops():
     if os.environ.get("TETRISPEC_CPU_KERNEL", "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import get_default_build_root, load
 
         # -march=native code must not be reused on another CPU: the build name carries the sources and the host
         tag = hashlib.sha1(b"".join(p.read_bytes() for p in SOURCES) + _cpu_flags().encode()).hexdigest()[:12]
-        return load(name=f"tetrispec_cpu_ops_{tag}", sources=[str(p) for p in SOURCES],
+        name = f"tetrispec_cpu_ops_{tag}"
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()  # where torch would build
+        build_dir = Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _clear_stale_lock(build_dir / "lock")
+        return load(name=name, sources=[str(p) for p in SOURCES], build_directory=str(build_dir),
                     extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                     extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a failed build: the PyTorch code still works
@@ -41,6 +47,20 @@ def cpu_ops():
         print(f"tetrispec: CPU kernels unavailable ({type(e).__name__}: {reason}); using the PyTorch path",
               file=sys.stderr)
         return None
+
+
+STALE_LOCK_SECONDS = 900  # a build takes about a minute; a lock this old was left by a killed process
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """torch's build lock is a plain file that a killed build leaves behind, and every later
+    load() then waits on it forever: an engine start-up must not hang on a dead process's lock."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+            lock.unlink()
+            print(f"tetrispec: removed a stale build lock ({lock})", file=sys.stderr)
+    except FileNotFoundError:
+        pass
 
 
 def _cpu_flags() -> str:
