@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tetrispec.spec.cost_model import CostModel, PiecewiseLinear, StepRecord, VerifyGrid, fit_grid, fit_piecewise
+from tetrispec.spec.cost_model import (
+    CostModel,
+    PiecewiseLinear,
+    StepRecord,
+    VerifyGrid,
+    _time_forward,
+    fit_grid,
+    fit_piecewise,
+)
 
 
 def truth(b: float, q: float, ctx: float) -> float:
@@ -100,3 +108,17 @@ def test_replay_sums_predicted_step_times():
     priced = CostModel.linear(0.01, 0.001, draft_fixed=0.002, draft_prefill=1e-5)
     caught_up = [StepRecord(4, 10, 3, 100.0, 9.0, 1.0, 0.5, 300)]
     assert priced.replay(caught_up) == pytest.approx((0.01 + 0.010) + 3 * 0.002 + 300 * 1e-5)
+
+
+def test_timed_forwards_each_follow_the_untimed_setup():
+    """The draft is profiled right after a target forward, as in a real step (cold CPU caches)."""
+    calls = []
+
+    class Runner:
+        block_size, device = 16, torch.device("cpu")
+
+        def forward(self, items, logits_for):
+            calls.append(("forward", len(items), len(items[0].tokens), items[0].start))
+
+    _time_forward(Runner(), 3, 40, 2, repeats=4, before=lambda: calls.append("before"))
+    assert calls == [("forward", 3, 2, 40)] + ["before", ("forward", 3, 2, 40)] * 4  # the first is an untimed warm-up

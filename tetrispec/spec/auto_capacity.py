@@ -74,13 +74,13 @@ class AcceptanceEstimator:
         return np.minimum((q * bins).astype(np.int64), bins - 1)
 
     def _refit(self) -> None:
-        self.pending = 0
         def fit(trials: np.ndarray, accepts: np.ndarray, prior: np.ndarray) -> list[float]:
             w = trials + self.prior_weight
             return isotonic(((accepts + self.prior_weight * prior) / w).tolist(), w.tolist())
 
         pooled = np.array(fit(self.trials.sum(0), self.accepts.sum(0), self.centers))
         self.table = np.array([fit(t, a, pooled) for t, a in zip(self.trials, self.accepts)])  # [P, bins]
+        self.pending = 0  # outcomes not yet in the fit
         self._refit_moves()
 
     def _refit_moves(self) -> None:
