@@ -15,6 +15,7 @@ from torch import nn
 from tetrispec.model.attention import AttentionMetadata, paged_attention
 from tetrispec.model.config import ModelConfig
 from tetrispec.model.cpu_kernel import cpu_ops
+from tetrispec.model.gemm_rows import Linear
 
 
 def _fused_ops(x: torch.Tensor):
@@ -103,8 +104,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=False)
+        self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
         self.scale = self.hd**-0.5
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
@@ -124,8 +125,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -173,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(cfg)
         self.rotary = RotaryEmbedding(cfg)
         head_rows = cfg.draft_vocab_size or cfg.vocab_size
-        self.lm_head = nn.Linear(cfg.hidden_size, head_rows, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, head_rows, bias=False)
         if cfg.tie_word_embeddings and not cfg.draft_vocab_size:
             self.lm_head.weight = self.model.embed_tokens.weight
         # lm_head row r predicts token head_token_ids[r] (identity unless a reduced head);

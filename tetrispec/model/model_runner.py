@@ -8,6 +8,7 @@ import torch
 
 from tetrispec.model.attention import AttentionMetadata
 from tetrispec.model.cpu_kernel import cpu_ops
+from tetrispec.model.gemm_rows import plan_row_padding
 from tetrispec.model.llama import LlamaForCausalLM
 
 
@@ -34,6 +35,8 @@ class ModelRunner:
         ]
         # decode / verify attention straight over the paged cache on CPU, when the kernel builds
         self.use_kernel = device.type == "cpu" and cpu_ops() is not None
+        if device.type == "cpu":  # short matmuls at the row counts this CPU's BLAS runs fastest
+            plan_row_padding(model)
         self.workspace = (torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device))
 
     @staticmethod
