@@ -18,6 +18,9 @@ fi
 if step kernel; then
   python benchmarks/cpu_attention_kernel.py --dtype float32 --json $R/cpu_attention_kernel_float32.json
 fi
+if step gemm; then
+  python benchmarks/gemm_row_padding.py --repeats 15 --json $R/gemm_row_padding.json 2>&1 | grep -v torn
+fi
 PROFILE=$R/profiles/default-pair-cpu.json
 if step profile; then
   # one step-time profile over batch 1..32 shared by every DSD / auto run below
