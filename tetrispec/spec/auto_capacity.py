@@ -340,6 +340,12 @@ class AutoTetris(Selector):
         for kind in r.keys() - clock.measured:
             r[kind] = r[source]
 
+    def _running_estimates(self, logprobs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Draft probabilities q [B, j] and the running products of their estimates along each draft:
+        the estimated probability that each token is accepted."""
+        q = np.exp(_array(logprobs))
+        return q, np.cumprod(self.estimator.estimate_drafts(q), 1)
+
     def keep_going(self, batch: BatchInfo):
         """Draft one more level when its expected worth beats its cost. Stopping now gives the best
         rate R over what is drafted; a next-level token of estimate v can then be verified for a
@@ -349,8 +355,7 @@ class AutoTetris(Selector):
         """
         def decide(logprobs: torch.Tensor) -> bool:  # [B, j] drafted so far
             B, j = logprobs.shape
-            q = np.exp(_array(logprobs))
-            cum = np.cumprod(self.estimator.estimate_drafts(q), 1)
+            q, cum = self._running_estimates(logprobs)
             r = self.clock(B).ratio
             draft_t = r["draft"] * self.cost.draft_time(B, batch.mean_len)
             scale = r["verify"]
@@ -366,8 +371,7 @@ class AutoTetris(Selector):
     # --- which drafts to verify ----------------------------------------------------------
     def select(self, draft_logprobs: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
         B, K = draft_logprobs.shape
-        q = np.exp(_array(draft_logprobs))
-        cum = np.cumprod(self.estimator.estimate_drafts(q), 1)  # [B, K] P(token accepted)
+        _, cum = self._running_estimates(draft_logprobs)
         for j, m in enumerate(cum.mean(0).tolist()):
             self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * m
         r = self.clock(B).ratio

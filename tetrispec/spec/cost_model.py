@@ -103,8 +103,7 @@ class VerifyGrid:
         if not isinstance(num_tokens, (int, float)):
             num_tokens = np.asarray(num_tokens, dtype=np.float64)
         i0, i1, w = _segment(self.batches, b)
-        v0, v1 = self.values[i0], self.values[i1]
-        row = [a + (c - a) * w for a, c in zip(v0, v1)]
+        row = [v0 + (v1 - v0) * w for v0, v1 in zip(self.values[i0], self.values[i1])]
         return _at_least_a_microsecond(_interp(self.query_lens, row, num_tokens / b) + self.slope_seq_ctx * b * ctx
                                        + self.slope_token_ctx * num_tokens * ctx)
 
@@ -291,7 +290,7 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
         t_y.append(_time_forward(target, b, c, k + 1, repeats))
         if draft is not None and k == 0:
             # In a step the draft runs right after the target's forward, which has pushed the draft's
-            # weights and cache out of the CPU caches (about 1.5x the warm time on the dev VM): time it so.
+            # weights and cache out of the CPU caches (3.2 ms against 1.9 ms warm at batch 1 on the dev VM): time it so.
             target_items = _items(target, b, c, 1)
             d_x.append(b)
             d_c.append(c)
