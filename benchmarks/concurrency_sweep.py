@@ -1,11 +1,10 @@
 """Throughput against concurrency for each speculation method (issue 7's table and plot).
 
-Offline, in one process: for each max-num-seqs in the list, one engine (default pair) runs
-every method on the same ShareGPT prompts (greedy, chat template, output length from the
-dataset capped at --max-output), interleaved in rounds (see interleave.py: A B C, C B A, so
-the machine's drift lands on every method alike). Each round has --prompts-per-seq x
-concurrency prompts (at least --min-prompts); rounds use different prompts. The auto-capacity
-selector keeps its calibration across rounds and concurrencies (persisted beside the cost
+Offline, in one process: for each max-num-seqs in the list, one engine per method (default
+pair, one copy of the weights) runs the same ShareGPT prompts (greedy, chat template, output
+length from the dataset capped at --max-output), all engines interleaved step by step (see
+interleave.py), --prompts-per-seq x concurrency prompts (at least --min-prompts). The
+auto-capacity selector keeps its calibration across concurrencies (persisted beside the cost
 profile, as in serving).
 
     python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --out benchmarks/results/concurrency_cpu
@@ -17,11 +16,22 @@ import argparse
 import json
 from pathlib import Path
 
-from interleave import MethodSwitch, calibration_fields, chat_requests, compare, pooled_calibration
+from interleave import (
+    build_engines,
+    calibration_fields,
+    chat_requests,
+    kv_blocks,
+    lockstep,
+    pooled_calibration,
+    warm_up,
+)
 
-from tetrispec import LLM
 from tetrispec.bench.datasets import load_dataset
+from tetrispec.config import EngineConfig, SpecConfig
+from tetrispec.model.loader import default_target_path
+from tetrispec.model.tokenizer import Tokenizer
 from tetrispec.spec.cost_model import CostModel
+from tetrispec.spec.selectors import make_selector
 
 METHODS = {
     "none": dict(method="none"),
@@ -40,9 +50,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--concurrency", default="1,2,4,8,16,32")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--min-prompts", type=int, default=8)
-    ap.add_argument("--prompts-per-seq", type=int, default=2, help="prompts per round = this x concurrency")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--min-prompts", type=int, default=20)
+    ap.add_argument("--prompts-per-seq", type=int, default=4,
+                    help="prompts = this x concurrency (at least --min-prompts)")
     ap.add_argument("--max-output", type=int, default=64)
     ap.add_argument("--profile", default="benchmarks/results/profiles/default-pair-cpu.json",
                     help="step-time profile shared by every run (build it first at the largest concurrency)")
@@ -55,32 +65,33 @@ def main() -> None:
     done = {r["concurrency"] for r in rows}
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    need = args.rounds * max(args.min_prompts, args.prompts_per_seq * max(concurrencies))
     cost = CostModel.load(args.profile)
     if cost is None:
         raise SystemExit(f"{args.profile}: no current step-time profile; build it with `tetrispec profile`")
     methods = {name: METHODS[name] for name in args.methods.split(",")}
+    depth = max(make_selector(SpecConfig(**m), has_draft=True).max_depth for m in methods.values())
+    tok = Tokenizer.from_path(default_target_path())
     for c in concurrencies:
         if c in done:
             continue
-        llm = LLM(spec_method="tetris", tetris_capacity="auto", num_speculative_tokens=3, tetris_extra_proposals=1,
-                  max_num_seqs=c, profile_path=args.profile)
-        tok = llm.tokenizer
-        reqs = load_dataset("sharegpt", None, tok, num_requests=need, seed=0)
-        prompts, params = chat_requests(tok, reqs, args.max_output)
         n = max(args.min_prompts, args.prompts_per_seq * c)
-        rounds = [(prompts[i * n:(i + 1) * n], params[i * n:(i + 1) * n]) for i in range(args.rounds)]
-        switch = MethodSwitch(llm)
-        tallies = compare(llm, methods, rounds, cost, switch)
+        base = EngineConfig(spec=SpecConfig(profile_path=args.profile), max_num_seqs=c)
+        reqs = load_dataset("sharegpt", None, tok, num_requests=n, seed=0)
+        prompts, params = chat_requests(tok, reqs, args.max_output)
+        base.num_kv_blocks = kv_blocks(prompts, params, base, depth)
+        engines = build_engines(methods, base)
+        warm_up(engines, prompts[0])
+        tallies, differ = lockstep(engines, prompts, params, cost)
         for name, tally in tallies.items():
-            row = {"method": name, "selector": switch.selectors[name].name, "concurrency": c,
-                   "prompts": n * args.rounds, "rounds": args.rounds, **tally.summary()}
+            selector = engines[name].selector
+            row = {"method": name, "selector": selector.name, "concurrency": c,
+                   "prompts": n, "outputs_differing": differ, **tally.summary()}
             if name == "tetris-auto":
-                row.update(calibration_fields(switch.selectors[name]))
+                row.update(calibration_fields(selector))
             rows.append(row)
             print(json.dumps(row), flush=True)
         results_path.write_text(json.dumps(rows, indent=1))
-        del llm
+        del engines
     pooled = pooled_calibration(rows)
     if pooled is not None:
         (out / "calibration.json").write_text(json.dumps(pooled, indent=1))

@@ -1,14 +1,16 @@
-"""Compare speculation methods on one loaded engine, interleaved in rounds.
+"""Compare speculation methods side by side, interleaved step by step.
 
-A 2-core VM's speed drifts by tens of percent over an hour, more than the few percent that
-separate methods. So every method runs on the same engine (same weights, caches, threads;
-only the selector is swapped), the prompts are split into rounds, and each round runs every
-method on that round's prompts, in reverse order every other round (A B C, C B A): drift lands
-on all methods alike, and
-totals are summed over rounds. Selectors keep their learned state from round to round.
+A 2-core VM's speed drifts by tens of percent over minutes, more than the few percent that
+separate methods, and runs of one method after another (even in A B C, C B A rounds) left up to
+10% between methods that do the same work. So every method gets its own engine (one copy of
+the weights, shared; its own KV caches, scheduler and selector), every engine gets the same
+requests, and they advance in lockstep: the engine that has emitted the fewest tokens takes
+the next step (ties: the one that waited longest). Greedy outputs are the same for every
+method, so all engines walk through the same token stream at the same pace, and a slow spell
+of the machine lands on every method at the same point of the workload.
 
 Three throughputs per method:
-- measured output tokens/s: wall clock of the whole runs, prefill included;
+- measured output tokens/s: the engine's step time (prefill included);
 - measured decode tokens/s: tokens emitted by decode steps over the wall time of those steps
   (draft forwards and catch-ups included; prefill, identical for every method, left out);
 - modelled decode tokens/s: the same steps timed by the profiled cost model (no machine noise).
@@ -17,13 +19,14 @@ Three throughputs per method:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from tetrispec import LLM, SamplingParams
+from tetrispec import SamplingParams
 from tetrispec.bench.datasets import BenchRequest
-from tetrispec.config import SpecConfig
+from tetrispec.config import EngineConfig, SpecConfig
+from tetrispec.engine.llm_engine import LLMEngine
 from tetrispec.spec.auto_capacity import reliability_table
 from tetrispec.spec.cost_model import CostModel
 from tetrispec.spec.stats import SpecStats
@@ -36,12 +39,6 @@ def chat_requests(tokenizer, reqs: list[BenchRequest], max_output: int) -> tuple
                                 add_special_tokens=False) for r in reqs]
     params = [SamplingParams(temperature=0, max_tokens=min(r.output_len, max_output)) for r in reqs]
     return prompts, params
-
-
-def method_spec(base: SpecConfig, **fields) -> SpecConfig:
-    """A method's speculation config: the engine's draft and profile, every other field the method's own
-    or the default (a field left over from the engine's own method must not leak in)."""
-    return SpecConfig(speculative_model=base.speculative_model, profile_path=base.profile_path, **fields)
 
 
 @dataclass
@@ -67,22 +64,6 @@ class Tally:
         return out
 
 
-class MethodSwitch:
-    """Puts one method's selector on the engine, building it once and reusing it afterwards."""
-
-    def __init__(self, llm: LLM) -> None:
-        self.llm = llm
-        self.selectors = {}
-
-    def use(self, name: str, spec: SpecConfig) -> None:
-        engine = self.llm.engine
-        if name in self.selectors:
-            engine.config.spec, engine.selector = spec, self.selectors[name]
-        else:
-            engine.set_speculation(spec)
-            self.selectors[name] = engine.selector
-
-
 def calibration_fields(selector) -> dict:
     """An auto selector's calibration for a results row: ECE with its sampling floor, outcomes scored
     (after warm-up, in this process), and the raw bins, which pool across rows (pooled_calibration)."""
@@ -104,33 +85,68 @@ def pooled_calibration(rows: list[dict]) -> dict | None:
             **reliability_table(total["counts"], total["estimates"], total["hits"])}
 
 
-def run_once(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], cost: CostModel | None,
-             tally: Tally) -> None:
-    engine = llm.engine
-    engine.stats, engine.step_trace = SpecStats(), []
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    tally.seconds += time.perf_counter() - start
-    tally.output_tokens += sum(len(o.token_ids) for o in outs)
-    tally.decode_seconds += sum(r.seconds for r in engine.step_trace)
-    if cost is not None:
-        tally.modelled_seconds += cost.replay(engine.step_trace)
-    tally.stats.merge(engine.stats)
+def kv_blocks(prompts: list[list[int]], params: list[SamplingParams], config: EngineConfig, depth: int) -> int:
+    """KV blocks for the max_num_seqs longest requests at once (and at least one max_model_len
+    sequence, which an engine insists on): no method is ever preempted, since a preemption's
+    recompute would be charged to whichever method it happened to."""
+    bs = config.block_size
+    need = sorted((-(-(len(p) + sp.max_tokens + depth + 1) // bs) for p, sp in zip(prompts, params)), reverse=True)
+    return max(sum(need[: config.max_num_seqs]), -(-(config.max_model_len + depth + 1) // bs)) + 1
 
 
-def compare(llm: LLM, methods: dict[str, dict], rounds: list[tuple[list, list]], cost: CostModel | None,
-            switch: MethodSwitch | None = None) -> dict[str, Tally]:
-    """methods: name -> SpecConfig fields (e.g. method="fixed", num_speculative_tokens=2); the rest default."""
-    switch = switch or MethodSwitch(llm)
-    specs = {name: method_spec(llm.engine.config.spec, **kw) for name, kw in methods.items()}
-    names = list(methods)
-    tallies = {name: Tally() for name in names}
-    warm = SamplingParams(temperature=0, max_tokens=8)
-    for name in names:  # build every selector (and any lazy allocation) outside the timed runs
-        switch.use(name, specs[name])
-        llm.generate([rounds[0][0][0]], warm, use_tqdm=False)
-    for r, (prompts, params) in enumerate(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:  # A B C, C B A, ...: linear drift cancels
-            switch.use(name, specs[name])
-            run_once(llm, prompts, params, cost, tallies[name])
-    return tallies
+def build_engines(methods: dict[str, dict], config: EngineConfig) -> dict[str, LLMEngine]:
+    """One engine per method over one copy of the weights. methods: name -> SpecConfig fields
+    (e.g. method="fixed", num_speculative_tokens=2); every other speculation field is the default."""
+    engines: dict[str, LLMEngine] = {}
+    first = None
+    # an engine that loads the draft first: one without a draft has none to share
+    for name in sorted(methods, key=lambda n: methods[n].get("method") == "none"):
+        spec = SpecConfig(speculative_model=config.spec.speculative_model, profile_path=config.spec.profile_path,
+                          **methods[name])
+        engines[name] = LLMEngine(replace(config, spec=spec), weights_from=first)
+        first = first or engines[name]
+    return {name: engines[name] for name in methods}
+
+
+def lockstep(engines: dict[str, LLMEngine], prompts: list[list[int]], params: list[SamplingParams],
+             cost: CostModel | None) -> tuple[dict[str, Tally], int]:
+    """Run the same requests on every engine, stepping the one that has emitted the fewest tokens.
+
+    Returns each method's tally and how many requests' outputs differ from the first engine's
+    (greedy outputs should not differ; float rounding in different batch shapes can flip a near tie).
+    """
+    seqs, tallies, emitted, waited = {}, {}, {}, {}
+    for name, engine in engines.items():
+        engine.stats, engine.step_trace = SpecStats(), []
+        seqs[name] = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        tallies[name], emitted[name], waited[name] = Tally(), 0, 0
+    clock = 0
+    while live := [n for n, e in engines.items() if e.has_unfinished()]:
+        name = min(live, key=lambda n: (emitted[n], waited[n]))
+        engine = engines[name]
+        before = engine.num_generation_tokens
+        start = time.perf_counter()
+        engine.step()
+        tallies[name].seconds += time.perf_counter() - start
+        emitted[name] += engine.num_generation_tokens - before
+        clock += 1
+        waited[name] = clock
+    reference = [s.output_token_ids for s in next(iter(seqs.values()))]
+    differ = 0
+    for name, engine in engines.items():
+        tally = tallies[name]
+        tally.output_tokens = sum(s.num_output_tokens for s in seqs[name])
+        tally.decode_seconds = sum(r.seconds for r in engine.step_trace)
+        if cost is not None:
+            tally.modelled_seconds = cost.replay(engine.step_trace)
+        tally.stats = engine.stats
+        differ = max(differ, sum(s.output_token_ids != ref for s, ref in zip(seqs[name], reference)))
+    return tallies, differ
+
+
+def warm_up(engines: dict[str, LLMEngine], prompt: list[int]) -> None:
+    """One short request per engine outside the timed run (selectors, profiles, lazy allocations)."""
+    for engine in engines.values():
+        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=8))
+        while engine.has_unfinished():
+            engine.step()

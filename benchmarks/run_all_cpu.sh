@@ -34,13 +34,13 @@ if step sweep; then
     --profile-path $PROFILE --no-progress 2>&1 | tail -40 > $R/sweep_cpu_small.log
 fi
 if step spec_methods; then
-  python benchmarks/spec_methods.py --num-prompts 200 --rounds 2 --oracle-prompts 32 --max-output 32 --max-num-seqs 32 \
+  python benchmarks/spec_methods.py --num-prompts 200 --oracle-prompts 32 --max-output 32 --max-num-seqs 32 \
     --ks 1,2,3,4 --es 1,2,3 --auto --profile-path $PROFILE --out $R/spec_methods_cpu.json 2>&1 \
     | grep --line-buffered -v torn | tee $R/spec_methods_cpu.log
 fi
 if step concurrency; then
   rm -f $R/concurrency_cpu/results.json  # the script resumes from it; a fresh sweep starts empty
-  python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --min-prompts 10 --prompts-per-seq 2 --rounds 2 \
+  python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --min-prompts 20 --prompts-per-seq 4 \
     --max-output 48 --profile $PROFILE --out $R/concurrency_cpu 2>&1 | grep --line-buffered -v torn | tee $R/concurrency_cpu.log
 fi
 if step auto_oracle; then

@@ -1,12 +1,12 @@
 """Speculation methods side by side, offline, on one engine (issue 3's table).
 
 Greedy, ShareGPT prompts (first turn in the chat template, output length from the second turn,
-capped), the same prompts for every configuration. The configurations share one loaded engine
-(only the selector is swapped) and run interleaved in --rounds rounds over disjoint halves of
-the prompts (interleave.py: A B C, C B A), so the machine's drift lands on all of them alike.
-VSR, accepted tokens per step and the throughputs come from those runs; oracle efficiency from
-one more run per configuration with --spec-shadow-oracle on a subset (the oracle verifies every
-drafted token, which costs time but does not change what is selected or emitted).
+capped), the same prompts for every configuration. Each configuration has its own engine over
+one shared copy of the weights, and all of them advance step by step in lockstep
+(interleave.py), so the machine's drift lands on all of them alike. VSR, accepted tokens per
+step and the throughputs come from that run; oracle efficiency from one more run per
+configuration with --spec-shadow-oracle on a subset (the oracle verifies every drafted token,
+which costs time but does not change what is selected or emitted).
 
     python benchmarks/spec_methods.py --num-prompts 200 --max-num-seqs 32 --out benchmarks/results/spec_methods_cpu.json
 """
@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
-from interleave import MethodSwitch, Tally, calibration_fields, chat_requests, compare, method_spec, run_once
+from interleave import build_engines, calibration_fields, chat_requests, kv_blocks, lockstep, warm_up
 
-from tetrispec import LLM
 from tetrispec.bench.datasets import load_dataset
+from tetrispec.config import EngineConfig, SpecConfig
+from tetrispec.model.loader import default_target_path
+from tetrispec.model.tokenizer import Tokenizer
 from tetrispec.spec.cost_model import CostModel
+from tetrispec.spec.stats import SpecStats
 
 
 def grid(ks: list[int], es: list[int], with_auto: bool) -> dict[str, dict]:
@@ -51,7 +55,6 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--speculative-model", default="default")
     ap.add_argument("--num-prompts", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--oracle-prompts", type=int, default=32)
     ap.add_argument("--max-output", type=int, default=256)
     ap.add_argument("--max-num-seqs", type=int, default=32)
@@ -64,33 +67,33 @@ def main() -> None:
     args = ap.parse_args()
     ks, es = [int(x) for x in args.ks.split(",")], [int(x) for x in args.es.split(",")]
 
-    kw = dict(max_num_seqs=args.max_num_seqs, dtype=args.dtype, speculative_model=args.speculative_model,
-              spec_method="tetris", num_speculative_tokens=max(ks), tetris_extra_proposals=max(es))
-    if args.profile_path:
-        kw["profile_path"] = args.profile_path
-    llm = LLM(args.model, **kw)
-    tok = llm.tokenizer
-    reqs = load_dataset("sharegpt", None, tok, num_requests=args.num_prompts, seed=0)
-    prompts, params = chat_requests(tok, reqs, args.max_output)
-    n = -(-len(prompts) // args.rounds)
-    rounds = [(prompts[i * n:(i + 1) * n], params[i * n:(i + 1) * n]) for i in range(args.rounds)]
-    cost = CostModel.load(args.profile_path) if args.profile_path else None
     methods = grid(ks, es, args.auto)
-    switch = MethodSwitch(llm)
-    tallies = compare(llm, methods, rounds, cost, switch)
+    tok = Tokenizer.from_path(args.model or default_target_path())
+    prompts, params = chat_requests(tok, load_dataset("sharegpt", None, tok, num_requests=args.num_prompts, seed=0),
+                                    args.max_output)
+    base = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+                        spec=SpecConfig(speculative_model=args.speculative_model, profile_path=args.profile_path))
+    base.num_kv_blocks = kv_blocks(prompts, params, base, max(ks) + max(es))
+    engines = build_engines(methods, base)
+    warm_up(engines, prompts[0])
+    cost = CostModel.load(args.profile_path) if args.profile_path else None
+    tallies, differ = lockstep(engines, prompts, params, cost)
 
     rows = []
-    base = llm.engine.config.spec
     for name, cfg in methods.items():
-        selector = switch.selectors[name]
-        row = {"config": name, "selector": selector.name, **cfg, **tallies[name].summary()}
+        engine = engines[name]
+        row = {"config": name, "selector": engine.selector.name, **cfg, "outputs_differing": differ,
+               **tallies[name].summary()}
         if name == "tetris-auto":
-            row.update(calibration_fields(selector))
+            row.update(calibration_fields(engine.selector))
         if cfg["method"] != "none" and args.oracle_prompts:
-            switch.use(name, method_spec(base, shadow_oracle=True, **cfg))
-            oracle = Tally()
-            run_once(llm, prompts[: args.oracle_prompts], params[: args.oracle_prompts], None, oracle)
-            row["oracle_efficiency"] = oracle.stats.summary()["oracle_efficiency"]
+            engine.config.spec = replace(engine.config.spec, shadow_oracle=True)  # same selector, every draft verified
+            engine.stats = SpecStats()
+            for p, sp in zip(prompts[: args.oracle_prompts], params[: args.oracle_prompts]):
+                engine.add_request(p, sp)
+            while engine.has_unfinished():
+                engine.step()
+            row["oracle_efficiency"] = engine.stats.summary()["oracle_efficiency"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

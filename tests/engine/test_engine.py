@@ -110,3 +110,27 @@ def test_bad_engine_config(tiny_pair):
         LLM(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="magic")
     with pytest.raises(ValueError, match="needs a draft"):
         LLM(tiny_pair[0], speculative_model=None, spec_method="tetris")
+
+
+def test_engines_sharing_weights_keep_their_own_state(tiny_pair, solo_outputs):
+    """Benchmarks run methods side by side on one copy of the weights: the weights are shared,
+    caches and selectors are not, and a draft-less engine can still share a draft owner's target."""
+    from tetrispec.engine.llm_engine import LLMEngine
+    from tetrispec.llm import build_config
+
+    owner = LLMEngine(build_config(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="tetris", max_num_seqs=4))
+    plain = LLMEngine(build_config(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="none"), weights_from=owner)
+    fixed = LLMEngine(build_config(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="fixed", max_num_seqs=4),
+                      weights_from=owner)
+    assert plain.target.model is owner.target.model and plain.draft is None
+    assert fixed.draft.model is owner.draft.model and fixed.target.kv_caches is not owner.target.kv_caches
+    prompts = mixed_prompts(8)
+    seqs = {name: [e.add_request(p, GREEDY) for p in prompts] for name, e in
+            (("owner", owner), ("plain", plain), ("fixed", fixed))}
+    while any(e.has_unfinished() for e in (owner, plain, fixed)):
+        for e in (owner, plain, fixed):  # stepped alternately, as the lockstep benchmark does
+            if e.has_unfinished():
+                e.step()
+    for name, ss in seqs.items():
+        assert [s.output_token_ids for s in ss] == solo_outputs[:8], name
+    assert fixed.stats.verified > 0 and plain.stats.verified == 0

@@ -46,17 +46,23 @@ class RequestOutput:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, weights_from: LLMEngine | None = None) -> None:
+        """weights_from: an engine whose loaded target, tokenizer and draft this one shares (its config
+        must name the same models, dtype and device). Benchmarks run several methods side by side
+        this way on one copy of the weights; caches, scheduler and selector stay each engine's own."""
         config.validate()
         self.config = config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         device, dtype = config.torch_device, config.torch_dtype
         self.device = device
-        target, self.tokenizer = load_model(config.model, dtype, device)
+        if weights_from is None:
+            target, self.tokenizer = load_model(config.model, dtype, device)
+        else:
+            target, self.tokenizer = weights_from.target.model, weights_from.tokenizer
         self.model_config = target.config
         self.max_model_len = min(config.max_model_len, target.config.max_position_embeddings)
-        draft = self._load_draft(dtype, device)
+        draft = self._load_draft(dtype, device, weights_from)
 
         block_bytes = ModelRunner.bytes_per_block(target, config.block_size, dtype)
         if draft is not None:
@@ -84,15 +90,19 @@ class LLMEngine:
         self.step_trace: list[StepRecord] | None = None
 
     # ---- set-up -------------------------------------------------------------------------
-    def _load_draft(self, dtype: torch.dtype, device: torch.device):
+    def _load_draft(self, dtype: torch.dtype, device: torch.device, weights_from: LLMEngine | None):
         spec = self.config.spec
         path = spec.speculative_model
         if path == DEFAULT:
             path = default_draft_path() if self.config.model is None else None
+        if weights_from is not None and path is not None:
+            path = None if weights_from.draft is None else path
         if spec.method == "none" or path is None:
             if spec.method not in (None, "none"):
                 raise ValueError(f"--spec-method {spec.method} needs a draft model (--speculative-model)")
             return None
+        if weights_from is not None:
+            return weights_from.draft.model
         draft, draft_tok = load_model(path, dtype, device)
         if draft_tok.vocab() != self.tokenizer.vocab():
             raise ValueError(f"draft model {path} does not share the target's tokenizer (vocabularies differ)")

@@ -60,10 +60,11 @@ def measure_plan(weight: torch.Tensor, repeats: int = 2) -> tuple[int, ...]:
 
 
 def plan_row_padding(model: nn.Module) -> dict[tuple, tuple[int, ...]]:
-    """Give every Linear of a CPU model its plan, measuring each distinct weight shape and dtype once."""
+    """Give every Linear of a CPU model its plan, measuring each distinct weight shape and dtype once
+    (a model shared by several runners keeps the plan it got first)."""
     plans: dict[tuple, tuple[int, ...]] = {}
     for module in model.modules():
-        if isinstance(module, Linear) and module.weight.device.type == "cpu":
+        if isinstance(module, Linear) and module.weight.device.type == "cpu" and module.row_plan is None:
             key = (tuple(module.weight.shape), module.weight.dtype)
             if key not in plans:
                 plans[key] = measure_plan(module.weight.detach())
