@@ -119,7 +119,8 @@ def test_engines_sharing_weights_keep_their_own_state(tiny_pair, solo_outputs):
     from tetrispec.llm import build_config
 
     owner = LLMEngine(build_config(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="tetris", max_num_seqs=4))
-    plain = LLMEngine(build_config(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="none"), weights_from=owner)
+    plain = LLMEngine(build_config(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="none"),
+                      weights_from=owner)
     fixed = LLMEngine(build_config(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="fixed", max_num_seqs=4),
                       weights_from=owner)
     assert plain.target.model is owner.target.model and plain.draft is None

@@ -261,14 +261,25 @@ def test_resuming_after_a_pause_pays_for_the_lag_spread_over_what_is_left():
 
 def test_probes_wait_until_they_cost_little_next_to_plain_decoding():
     model = CostModel.linear(0.001, 0.01, draft_fixed=0.004, draft_prefill=1e-4)  # drafting never pays
+    plain = model.target_time(8, 8, 300)
 
-    def first_probe(lag_tokens: int) -> int:
+    def first_probe(lags: tuple[int, ...]) -> tuple[int, list[int] | None]:
         sel = AutoTetris(max_depth=2, cost=model, probe_every=4)
-        return next(step for step in range(1000) if sel.depth(BatchInfo(8, 300, lag_tokens=lag_tokens)))
+        batch = BatchInfo(8, 300, lag_tokens=sum(lags), lags=lags)
+        step = next(step for step in range(1000) if sel.depth(batch))
+        return step, sel.draft_rows(batch)
 
-    assert first_probe(0) == 4
-    # catching up 2,400 tokens (0.24 s) waits for 0.24 / 0.03 = 8 s of plain steps (0.081 s each)
-    assert first_probe(2400) == pytest.approx(0.248 / PROBE_BUDGET / 0.081, abs=2)
+    assert first_probe((0,) * 8) == (4, [0, 1, 2, 3])
+    # a probe drafts for the PROBE_ROWS sequences with the least to catch up on, and pays only theirs:
+    # 4 x 300 tokens (0.12 s) and two draft forwards wait for (their cost / 0.03) of plain steps
+    step, rows = first_probe((300, 900, 300, 300, 900, 900, 300, 900))
+    assert rows == [0, 2, 3, 6]
+    cost = model.catch_up_time(1200) + 2 * model.draft_time(4, 300)
+    assert step == pytest.approx(cost / PROBE_BUDGET / plain, abs=1)
+    # a batch no larger than a probe is drafted whole
+    sel = AutoTetris(max_depth=2, cost=model, probe_every=1)
+    small = BatchInfo(3, 300, lags=(0, 0, 0))
+    assert any(sel.depth(small) for _ in range(100)) and sel.draft_rows(small) is None
 
 
 def test_a_kind_of_step_not_yet_seen_follows_the_measured_one():

@@ -169,3 +169,36 @@ def test_batch_info_reports_what_the_draft_must_catch_up_on(tiny_pair, monkeypat
     assert first.remaining == GREEDY.max_tokens - 1
     # drafting every step, the draft lags by at most the bonus token of a fully accepted window
     assert all(i.entering_tokens == 0 and i.lag_tokens <= i.batch_size for i in infos[1:])
+
+
+def _draft_even_rows(llm: LLM, monkeypatch) -> None:
+    """Every step drafts for the even rows only, as an auto-capacity probe drafts for a few."""
+    monkeypatch.setattr(llm.engine.selector, "draft_rows",
+                        lambda info: list(range(0, info.batch_size, 2)) if info.batch_size > 1 else None)
+
+
+def test_drafting_for_some_rows_keeps_greedy_outputs(tiny_pair, target_greedy, monkeypatch):
+    llm = LLM(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="tetris", num_speculative_tokens=2,
+              tetris_extra_proposals=1, **PRESSURE)
+    _draft_even_rows(llm, monkeypatch)
+    llm.engine.step_trace = []
+    outputs = llm.generate(mixed_prompts(32), GREEDY)
+    assert [o.token_ids for o in outputs] == target_greedy
+    s = llm.engine.stats
+    assert 0 < s.accepted <= s.verified <= s.drafted < 3 * s.request_steps  # odd rows drafted nothing
+    partial = [t for t in llm.engine.step_trace if t.draft_rows]
+    assert partial and all(t.draft_rows == (t.batch_size + 1) // 2 for t in partial)
+    assert llm.engine.block_manager.num_free == llm.engine.block_manager.num_blocks
+
+
+def test_drafting_for_some_rows_keeps_sampling_lossless(tiny_pair, monkeypatch):
+    n = 1500
+    plain = LLM(tiny_pair[0], spec_method="none", max_num_seqs=64)
+    spec = LLM(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="tetris", num_speculative_tokens=2,
+               tetris_extra_proposals=1, max_num_seqs=64)
+    _draft_even_rows(spec, monkeypatch)
+    seq_a, tok_a = _second_token_counts(plain, n, seed=0)
+    seq_b, tok_b = _second_token_counts(spec, n, seed=10_000)
+    assert spec.engine.stats.accepted > 0
+    assert chi2_pvalue(tok_a, tok_b) > 1e-3
+    assert chi2_pvalue(seq_a, seq_b) > 1e-3

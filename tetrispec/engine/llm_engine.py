@@ -191,7 +191,7 @@ class LLMEngine:
             # the results were read back (tolist), so the clock covers the device's work too
             record = StepRecord(len(seqs), tokens, depth, info.mean_len, time.perf_counter() - start, draft_seconds,
                                 proposal.catch_up_seconds if proposal else 0.0,
-                                proposal.catch_up_tokens if proposal else 0)
+                                proposal.catch_up_tokens if proposal else 0, proposal.rows if proposal else 0)
             self.selector.observe_step(record)
             if self.step_trace is not None:
                 self.step_trace.append(record)
@@ -206,11 +206,12 @@ class LLMEngine:
         """What selectors that price steps need: sizes, and what the draft would have to catch up on."""
         # prompts entering decoding this step: what a draft that speculates every step must read
         entering = sum(s.num_prompt_tokens for s in seqs if s.num_output_tokens == 1)
-        lag = sum(s.num_tokens - 1 - s.num_draft_cached for s in seqs if s.num_output_tokens > 1)
+        lags = tuple(s.num_tokens - 1 - s.num_draft_cached for s in seqs)
+        lag = sum(n for s, n in zip(seqs, lags) if s.num_output_tokens > 1)
         remaining = [min(s.params.max_tokens - s.num_output_tokens if s.params.max_tokens is not None else
                          self.max_model_len, self.max_model_len - s.num_tokens) for s in seqs]
         return BatchInfo(len(seqs), sum(s.num_tokens for s in seqs) / len(seqs), entering, lag,
-                         sum(remaining) / len(seqs))
+                         sum(remaining) / len(seqs), lags)
 
     def _next_tokens(self, items: list[ForwardItem], seqs: list[Sequence]) -> list[int]:
         """One target forward and one sampled token per sequence."""
@@ -241,14 +242,22 @@ class LLMEngine:
         """One speculative step; returns (B + selected drafts, seconds of the draft forwards, the proposal)."""
         B = len(seqs)
         start = time.perf_counter()
-        proposal = self.proposer.propose(seqs, depth, self.selector.keep_going(info))
+        rows = self.selector.draft_rows(info)
+        if rows is None:
+            proposal = self.proposer.propose(seqs, depth, self.selector.keep_going(info))
+        else:  # a few sequences drafted to their full depth; the rest ride along with no drafts
+            proposal = self.proposer.propose([seqs[i] for i in rows], depth).scatter(rows, B)
         if self.device.type == "cuda":  # not every selector reads the proposal back: wait for the draft here
             torch.cuda.synchronize()
         draft_seconds = time.perf_counter() - start - proposal.catch_up_seconds
         K = proposal.depth
-        lengths = self.selector.select(proposal.logprobs, info).clamp(max=K)  # [B]
+        drafted = [K] * B
+        if rows is not None:
+            chosen = set(rows)
+            drafted = [K * (i in chosen) for i in range(B)]
+        lengths = self.selector.select(proposal.logprobs, info).clamp(max=torch.tensor(drafted))  # [B]
         shadow = self.config.spec.shadow_oracle
-        verify_lens = [K] * B if shadow else lengths.tolist()
+        verify_lens = drafted if shadow else lengths.tolist()
         drafts = proposal.tokens.tolist()
         items = [ForwardItem([s.token_ids[-1]] + drafts[i][: verify_lens[i]], s.num_tokens - 1, s.block_table)
                  for i, s in enumerate(seqs)]
@@ -264,7 +273,7 @@ class LLMEngine:
             s.num_draft_cached = min(s.num_draft_cached, n + a)
             emitted = self._append(s, drafts[i][:a] + [verdict.next_tokens[i]])
             for st in (s.spec, self.stats):
-                st.record(K, int(lengths[i]), a, emitted)
+                st.record(drafted[i], int(lengths[i]), a, emitted)
         # what the method verifies (the shadow oracle's extra is measurement)
         return B + int(lengths.sum()), draft_seconds, proposal
 

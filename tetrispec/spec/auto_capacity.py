@@ -214,6 +214,7 @@ def best_capacity(values, batch_size: int, fixed_time: float, cost: CostModel, m
 
 
 PROBE_BUDGET = 0.03  # probes may cost at most this fraction of the plain decoding time between them
+PROBE_ROWS = 4  # a probe drafts for this many sequences, those the draft has read the most of
 
 
 class AutoTetris(Selector):
@@ -232,6 +233,7 @@ class AutoTetris(Selector):
         self.plain_seconds = 0.0  # predicted time of the plain steps since drafting last ran
         self.last_capacity = 0
         self.clocks: dict[int, StepClock] = {}
+        self.probe_rows: list[int] | None = None  # the sequences this step's probe drafts for
 
     def clock(self, batch_size: int) -> StepClock:
         """The StepClock of this batch size's range (powers of two)."""
@@ -258,8 +260,12 @@ class AutoTetris(Selector):
         While drafting does not pay, a probe drafts now and then to refresh the per-depth
         estimates; each probe that does not turn speculation back on doubles the wait for the
         next (up to 16x), and a probe also waits until it would cost at most PROBE_BUDGET of the
-        plain time since the last one, because it makes the draft catch up on every running request.
+        plain time since the last one. A probe drafts for only PROBE_ROWS sequences, those with
+        the least for the draft to catch up on (draft_rows): the per-depth means need a sample,
+        and catching up on every running context is what made probes expensive (at 32 requests,
+        reading 6,000 tokens of prompts cost 2% of a whole run).
         """
+        self.probe_rows = None
         B, s = batch.batch_size, batch.mean_len
         clock = self.clock(B)
         clock.entering = 0.9 * clock.entering + 0.1 * batch.entering_tokens
@@ -287,18 +293,24 @@ class AutoTetris(Selector):
             self.plain_seconds = 0.0
             self.probe_interval = self.probe_every
             return self.max_depth
-        # A probe pays the whole catch-up: it waits until the plain steps since the last one took
-        # 1 / PROBE_BUDGET times as long as it will.
-        probe_cost = r["draft"] * (self.cost.catch_up_time(batch.lag_tokens + batch.entering_tokens)
-                                   + self.max_depth * self.cost.draft_time(B, s))
+        # A probe pays its sequences' catch-up: it waits until the plain steps since the last one
+        # took 1 / PROBE_BUDGET times as long as it will.
+        lags = batch.lags or (-(-(batch.lag_tokens + batch.entering_tokens) // B),) * B  # unknown: even
+        rows = sorted(range(B), key=lags.__getitem__)[:PROBE_ROWS]
+        probe_cost = r["draft"] * (self.cost.catch_up_time(sum(lags[i] for i in rows))
+                                   + self.max_depth * self.cost.draft_time(len(rows), s))
         if self.steps_without_draft >= self.probe_interval and self.plain_seconds * PROBE_BUDGET >= probe_cost:
             self.steps_without_draft = 0
             self.plain_seconds = 0.0
             self.probe_interval = min(2 * self.probe_interval, 16 * self.probe_every)
+            self.probe_rows = sorted(rows) if len(rows) < B else None
             return self.max_depth
         self.steps_without_draft += 1
         self.plain_seconds += plain_time
         return 0
+
+    def draft_rows(self, batch: BatchInfo) -> list[int] | None:
+        return self.probe_rows
 
     def observe_step(self, record: StepRecord) -> None:
         """Track how the real steps compare with the profile: plain steps, drafting, and the rest of a
@@ -329,7 +341,7 @@ class AutoTetris(Selector):
         if record.depth == 0:
             parts = [("plain", record.seconds, self.cost.target_time(B, record.tokens, s))]
         else:
-            parts = [("draft", record.draft_seconds, record.depth * self.cost.draft_time(B, s)),
+            parts = [("draft", record.draft_seconds, record.depth * self.cost.draft_time(record.draft_rows or B, s)),
                      ("verify", record.seconds - record.draft_seconds - record.catch_up_seconds,
                       self.cost.target_time(B, record.tokens, s))]
         for kind, measured, predicted in parts:
@@ -342,9 +354,10 @@ class AutoTetris(Selector):
 
     def _running_estimates(self, logprobs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Draft probabilities q [B, j] and the running products of their estimates along each draft:
-        the estimated probability that each token is accepted."""
+        the estimated probability that each token is accepted (0 for a row that was not drafted,
+        whose log-confidence is -inf: see Proposal.scatter)."""
         q = np.exp(_array(logprobs))
-        return q, np.cumprod(self.estimator.estimate_drafts(q), 1)
+        return q, np.cumprod(np.where(q > 0, self.estimator.estimate_drafts(q), 0.0), 1)
 
     def keep_going(self, batch: BatchInfo):
         """Draft one more level when its expected worth beats its cost. Stopping now gives the best
@@ -371,8 +384,8 @@ class AutoTetris(Selector):
     # --- which drafts to verify ----------------------------------------------------------
     def select(self, draft_logprobs: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
         B, K = draft_logprobs.shape
-        _, cum = self._running_estimates(draft_logprobs)
-        for j, m in enumerate(cum.mean(0).tolist()):
+        q, cum = self._running_estimates(draft_logprobs)
+        for j, m in enumerate(cum[q[:, 0] > 0].mean(0).tolist()):  # over the drafted rows
             self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * m
         r = self.clock(B).ratio
         draft_t = K * r["draft"] * self.cost.draft_time(B, batch.mean_len)
@@ -384,7 +397,7 @@ class AutoTetris(Selector):
 
     def observe(self, proposal_logprobs: torch.Tensor, lengths: list[int], accepted: list[int]) -> None:
         probs = np.exp(_array(proposal_logprobs))  # [B, K]
-        self.estimator.count_transitions(probs)
+        self.estimator.count_transitions(probs[probs[:, 0] > 0])  # rows not drafted have q = 0
         accepted = np.asarray(accepted)
         pos = np.arange(probs.shape[1])
         rows, cols = np.nonzero(pos[None, :] < np.minimum(lengths, accepted + 1)[:, None])  # prefix accepted

@@ -43,6 +43,7 @@ class StepRecord(NamedTuple):
     draft_seconds: float = 0.0  # of which the draft forwards (K levels, short catch-ups inline)
     catch_up_seconds: float = 0.0  # of which a separate draft catch-up over long lags (prompts, pauses)
     catch_up_tokens: int = 0  # tokens that catch-up fed to the draft
+    draft_rows: int = 0  # sequences the draft ran on; 0: the whole batch (a probe drafts a few)
 
 
 def _segment(knots: list[float], x: float) -> tuple[int, int, float]:
@@ -148,7 +149,8 @@ class CostModel:
         """Predicted seconds of a run's decode steps (LLMEngine.step_trace): the same steps timed
         by the profile instead of the clock, which compares methods free of machine noise."""
         return sum(self.target_time(r.batch_size, r.tokens, r.mean_len)
-                   + r.depth * self.draft_time(r.batch_size, r.mean_len) + self.catch_up_time(r.catch_up_tokens)
+                   + r.depth * self.draft_time(r.draft_rows or r.batch_size, r.mean_len)
+                   + self.catch_up_time(r.catch_up_tokens)
                    for r in trace)
 
     def save(self, path: str | Path) -> None:

@@ -27,10 +27,23 @@ class Proposal:
     probs: torch.Tensor | None  # [B, K, V] draft distributions; None when every request is greedy
     catch_up_seconds: float = 0.0  # wall time of the separate catch-up forward (long lags), if any
     catch_up_tokens: int = 0  # tokens that forward fed
+    rows: int = 0  # sequences drafted for when only some were (scatter); 0: all of them
 
     @property
     def depth(self) -> int:
         return self.tokens.shape[1]
+
+    def scatter(self, rows: list[int], batch_size: int) -> Proposal:
+        """This proposal, made for the sequences at `rows`, as one for the whole batch: the other
+        rows get no drafts (log-confidence -inf, a zero distribution), which no selector picks."""
+        index = torch.tensor(rows, device=self.tokens.device)
+        K = self.depth
+        tokens = self.tokens.new_zeros(batch_size, K).index_copy_(0, index, self.tokens)
+        logprobs = self.logprobs.new_full((batch_size, K), float("-inf")).index_copy_(0, index, self.logprobs)
+        probs = None
+        if self.probs is not None:
+            probs = self.probs.new_zeros(batch_size, *self.probs.shape[1:]).index_copy_(0, index, self.probs)
+        return Proposal(tokens, logprobs, probs, self.catch_up_seconds, self.catch_up_tokens, len(rows))
 
 
 INLINE_CATCH_UP = 8  # lag (tokens) the first draft forward absorbs; longer lags are fed first

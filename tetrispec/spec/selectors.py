@@ -21,6 +21,7 @@ class BatchInfo:
     entering_tokens: int = 0  # prompt tokens of the sequences in their first decode step
     lag_tokens: int = 0  # tokens the draft has not read, of the other sequences (a pause in drafting)
     remaining: float = float("inf")  # mean output tokens the sequences may still produce
+    lags: tuple[int, ...] = ()  # per sequence: tokens the draft has not read (prompt included)
 
 
 def tetris_select(draft_logprobs: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -57,6 +58,11 @@ class Selector:
 
     def keep_going(self, batch: BatchInfo):
         """Optional early stop for drafting (see proposer.KeepGoing); None drafts the full depth."""
+        return None
+
+    def draft_rows(self, batch: BatchInfo) -> list[int] | None:
+        """Which sequences to draft for this step (asked after depth); None: all of them. The
+        others are verified with no drafts, i.e. decoded plainly inside the same target forward."""
         return None
 
     def attach_cost_model(self, cost: CostModel) -> None:
