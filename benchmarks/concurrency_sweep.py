@@ -85,7 +85,8 @@ def main() -> None:
         for name, tally in tallies.items():
             selector = engines[name].selector
             row = {"method": name, "selector": selector.name, "concurrency": c,
-                   "prompts": n, "outputs_differing": differ, **tally.summary()}
+                   "prompts": n, "outputs_differing": differ, "preemptions": engines[name].scheduler.num_preemptions,
+                   **tally.summary()}
             if name == "tetris-auto":
                 row.update(calibration_fields(selector))
             rows.append(row)

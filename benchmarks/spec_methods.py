@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--es", default="1,2,3")
     ap.add_argument("--auto", action="store_true", help="also run --tetris-capacity auto")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--max-kv-blocks", type=int, default=800, help="KV blocks per engine at most")
     ap.add_argument("--profile-path", default=None, help="step-time profile for DSD and auto (default: the cache)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -73,7 +74,9 @@ def main() -> None:
                                     args.max_output)
     base = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                         spec=SpecConfig(speculative_model=args.speculative_model, profile_path=args.profile_path))
-    base.num_kv_blocks = kv_blocks(prompts, params, base, max(ks) + max(es))
+    # KV for the 32 longest requests at once would take ~1.3 GiB for each of ~19 engines; a cap keeps them in
+    # memory, at the price of a rare preemption (counted per row)
+    base.num_kv_blocks = min(kv_blocks(prompts, params, base, max(ks) + max(es)), args.max_kv_blocks)
     engines = build_engines(methods, base)
     warm_up(engines, prompts[0])
     cost = CostModel.load(args.profile_path) if args.profile_path else None
@@ -83,7 +86,7 @@ def main() -> None:
     for name, cfg in methods.items():
         engine = engines[name]
         row = {"config": name, "selector": engine.selector.name, **cfg, "outputs_differing": differ,
-               **tallies[name].summary()}
+               "preemptions": engine.scheduler.num_preemptions, **tallies[name].summary()}
         if name == "tetris-auto":
             row.update(calibration_fields(engine.selector))
         if cfg["method"] != "none" and args.oracle_prompts:
