@@ -95,8 +95,8 @@ class LLMEngine:
         path = spec.speculative_model
         if path == DEFAULT:
             path = default_draft_path() if self.config.model is None else None
-        if weights_from is not None and path is not None:
-            path = None if weights_from.draft is None else path
+        if weights_from is not None and weights_from.draft is None:
+            path = None  # nothing to share
         if spec.method == "none" or path is None:
             if spec.method not in (None, "none"):
                 raise ValueError(f"--spec-method {spec.method} needs a draft model (--speculative-model)")

@@ -388,7 +388,8 @@ class AutoTetris(Selector):
         for j, m in enumerate(cum[q[:, 0] > 0].mean(0).tolist()):  # over the drafted rows
             self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * m
         r = self.clock(B).ratio
-        draft_t = K * r["draft"] * self.cost.draft_time(B, batch.mean_len)
+        drafted_rows = len(self.probe_rows) if self.probe_rows else B
+        draft_t = K * r["draft"] * self.cost.draft_time(drafted_rows, batch.mean_len)
         capacity, _ = best_capacity(cum, B, draft_t, self.cost, batch.mean_len, r["verify"])
         self.last_capacity = capacity
         # the same position-major stable order as tetris_select: prefixes, ties to shallow
