@@ -149,9 +149,15 @@ def lockstep(engines: dict[str, LLMEngine], prompts: list[list[int]], params: li
     return tallies, differ
 
 
+def run_alone(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+    """Run requests on one engine to completion, untimed."""
+    for p, sp in zip(prompts, params):
+        engine.add_request(p, sp)
+    while engine.has_unfinished():
+        engine.step()
+
+
 def warm_up(engines: dict[str, LLMEngine], prompt: list[int]) -> None:
     """One short request per engine outside the timed run (selectors, profiles, lazy allocations)."""
     for engine in engines.values():
-        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=8))
-        while engine.has_unfinished():
-            engine.step()
+        run_alone(engine, [prompt], [SamplingParams(temperature=0, max_tokens=8)])

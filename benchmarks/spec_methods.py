@@ -18,7 +18,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from interleave import build_engines, calibration_fields, chat_requests, kv_blocks, lockstep, warm_up
+from interleave import build_engines, calibration_fields, chat_requests, kv_blocks, lockstep, run_alone, warm_up
 
 from tetrispec.bench.datasets import load_dataset
 from tetrispec.config import EngineConfig, SpecConfig
@@ -92,10 +92,7 @@ def main() -> None:
         if cfg["method"] != "none" and args.oracle_prompts:
             engine.config.spec = replace(engine.config.spec, shadow_oracle=True)  # same selector, every draft verified
             engine.stats = SpecStats()
-            for p, sp in zip(prompts[: args.oracle_prompts], params[: args.oracle_prompts]):
-                engine.add_request(p, sp)
-            while engine.has_unfinished():
-                engine.step()
+            run_alone(engine, prompts[: args.oracle_prompts], params[: args.oracle_prompts])
             row["oracle_efficiency"] = engine.stats.summary()["oracle_efficiency"]
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -385,11 +385,11 @@ class AutoTetris(Selector):
     def select(self, draft_logprobs: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
         B, K = draft_logprobs.shape
         q, cum = self._running_estimates(draft_logprobs)
-        for j, m in enumerate(cum[q[:, 0] > 0].mean(0).tolist()):  # over the drafted rows
+        drafted = q[:, 0] > 0  # rows a probe left out have q = 0 (Proposal.scatter)
+        for j, m in enumerate(cum[drafted].mean(0).tolist()):
             self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * m
         r = self.clock(B).ratio
-        drafted_rows = len(self.probe_rows) if self.probe_rows else B
-        draft_t = K * r["draft"] * self.cost.draft_time(drafted_rows, batch.mean_len)
+        draft_t = K * r["draft"] * self.cost.draft_time(int(drafted.sum()), batch.mean_len)
         capacity, _ = best_capacity(cum, B, draft_t, self.cost, batch.mean_len, r["verify"])
         self.last_capacity = capacity
         # the same position-major stable order as tetris_select: prefixes, ties to shallow
