@@ -13,7 +13,7 @@ from tetrispec.spec.auto_capacity import (
     best_capacity,
     reliability_table,
 )
-from tetrispec.spec.cost_model import CostModel, StepRecord, isotonic
+from tetrispec.spec.cost_model import CostModel, PiecewiseLinear, StepRecord, VerifyGrid, isotonic
 from tetrispec.spec.selectors import BatchInfo
 
 
@@ -132,6 +132,7 @@ def test_auto_tetris_learns_from_outcomes():
     assert int(sel.select(logprobs, BatchInfo(4, 10)).sum()) == 8  # before: the draft's own belief pays
     for _ in range(50):  # drafts at q = 0.9 are always rejected
         sel.observe(logprobs, [2, 2, 2, 2], [0, 0, 0, 0])
+    sel.learn()  # outcomes are learned from a few steps at a time
     assert sel.estimator.estimate(torch.tensor([0.9]), 0).item() < 0.3
     assert int(sel.select(logprobs, BatchInfo(4, 10)).sum()) == 0
 
@@ -299,6 +300,7 @@ def test_keep_going_prices_the_next_level_from_how_draft_confidence_moves():
     for _ in range(200):  # draft-side only: pairs count even when nothing was verified
         steady.observe(torch.log(torch.tensor([[0.9, 0.96]])), [0], [0])
         fading.observe(torch.log(torch.tensor([[0.9, 0.04]])), [0], [0])
+    steady.learn(), fading.learn()
     assert steady.estimator.transitions.sum() == 200 and steady.estimator.seen == 0
     batch = BatchInfo(1, 100)
     confident = torch.log(torch.tensor([[0.9]]))
@@ -309,3 +311,17 @@ def test_keep_going_prices_the_next_level_from_how_draft_confidence_moves():
     assert int(fading.select(confident, batch).sum()) == 1
     # and a hopeless draft stops either way
     assert steady.keep_going(batch)(torch.log(torch.tensor([[0.05]]))) is False
+
+
+def test_step_prices_match_the_cost_model():
+    """prices() rebuilds the verify curve from a straight line in the context: it must be the model's."""
+    grid = VerifyGrid([1.0, 4.0, 16.0], [1.0, 2.0, 5.0], [[0.03, 0.031, 0.04], [0.035, 0.04, 0.07],
+                                                         [0.06, 0.09, 0.2]], 2e-6, 3e-7)
+    model = CostModel(grid, PiecewiseLinear([1.0, 16.0], [0.003, 0.008], 1e-7))
+    sel = AutoTetris(max_depth=3, cost=model)
+    for B, s in [(1, 37.0), (5, 410.5), (16, 1200.0), (5, 90.0)]:
+        sel.clock(B).ratio.update(draft=1.2, verify=0.9)
+        price = sel.prices(B, B, s)
+        n = B + np.arange(3 * B + 1)
+        assert price.verify == pytest.approx(0.9 * model.target_time(B, n, s))
+        assert price.draft == pytest.approx(1.2 * model.draft_time(B, s))

@@ -62,6 +62,7 @@ class AcceptanceEstimator:
         self.rel_n = np.zeros(reliability_bins)
         self.rel_pred = np.zeros(reliability_bins)
         self.rel_hits = np.zeros(reliability_bins)
+        self.buffer: list[tuple] = []  # outcomes not yet counted (see update)
         self._refit()
 
     def _row(self, positions) -> np.ndarray:
@@ -74,6 +75,8 @@ class AcceptanceEstimator:
         return np.minimum((q * bins).astype(np.int64), bins - 1)
 
     def _refit(self) -> None:
+        self._flush()
+
         def fit(trials: np.ndarray, accepts: np.ndarray, prior: np.ndarray) -> list[float]:
             w = trials + self.prior_weight
             return isotonic(((accepts + self.prior_weight * prior) / w).tolist(), w.tolist())
@@ -81,7 +84,7 @@ class AcceptanceEstimator:
         pooled = np.array(fit(self.trials.sum(0), self.accepts.sum(0), self.centers))
         self.table = np.array([fit(t, a, pooled) for t, a in zip(self.trials, self.accepts)])  # [P, bins]
         self.pending = 0  # outcomes not yet in the fit
-        self._refit_moves()
+        self.next_bin = None  # the move table, rebuilt when next read (_refit_moves)
 
     def _refit_moves(self) -> None:
         # next q bin given this one: the counts plus one pseudo-count spread evenly (an unseen bin is agnostic)
@@ -95,49 +98,73 @@ class AcceptanceEstimator:
         return self.table[self._row(positions), self._bin(q, self.num_bins)]  # index arrays broadcast
 
     def estimate_drafts(self, q) -> np.ndarray:
-        """q [B, K]: each request's draft, position j in column j."""
+        """q [B, K]: each request's draft, position j in column j (estimate with the positions implied,
+        in as few numpy calls as it takes: this runs after every draft forward)."""
         q = _array(q)
-        return self.estimate(q, np.arange(q.shape[1]))
+        offsets = np.minimum(np.arange(q.shape[1]), self.positions - 1) * self.num_bins
+        return self.table.ravel()[np.minimum((q * self.num_bins).astype(np.int64), self.num_bins - 1) + offsets]
 
     def expected_next_gain(self, q_last: np.ndarray, cum_last: np.ndarray, position: int, threshold: float) -> float:
         """Expected sum over requests of max(0, estimate of their next draft token - threshold), the
         next token's q unknown: its bin follows the counted moves from the last token's q bin."""
+        if self.next_bin is None:
+            self._refit_moves()
         probs = self.next_bin[self._bin(q_last, self.num_bins)]  # [B, bins]
         values = cum_last[:, None] * self.table[min(position, self.positions - 1)][None, :]
         return float((probs * np.maximum(values - threshold, 0.0)).sum())
 
     def update(self, q, positions, outcomes) -> None:
-        """Verified tokens whose prefix was accepted: draft probabilities q [N], positions [N], outcomes [N] 0/1."""
-        q, outcomes = _array(q), _array(outcomes).astype(np.float64)
+        """Verified tokens whose prefix was accepted: draft probabilities q [N], positions [N], outcomes [N] 0/1.
+
+        Outcomes wait in a buffer until the next refit, which is when they would first change an
+        estimate: the counts are then added in one go (a step's few outcomes cost more to add
+        one step at a time than the whole batch does at once). The reliability of the estimates
+        as used comes out the same, since the table they were read from only changes at a refit.
+        """
+        q = _array(q)
         if q.size == 0:
             return
-        if self.seen >= self.warmup:
-            pred = self.estimate(q, positions)
-            b = self._bin(pred, self.reliability_bins)
-            np.add.at(self.rel_n, b, 1)
-            np.add.at(self.rel_pred, b, pred)
-            np.add.at(self.rel_hits, b, outcomes)
+        after_warmup = self.seen >= self.warmup
         self.seen += q.size
-        cell = (self._row(positions), self._bin(q, self.num_bins))
-        np.add.at(self.trials, cell, 1)
-        np.add.at(self.accepts, cell, outcomes)
+        self.buffer.append((q.ravel(), np.broadcast_to(_array(positions), q.shape).ravel(),
+                            _array(outcomes).astype(np.float64).ravel(), after_warmup))
         self.pending += q.size
         if self.pending >= self.refit_every or self.seen <= self.warmup:
             self._refit()
 
+    def _flush(self) -> None:
+        """Add the buffered outcomes to the counts (and to the reliability, those after warm-up)."""
+        if not self.buffer:
+            return
+        q, positions, outcomes, scored = (np.concatenate([np.broadcast_to(np.asarray(b[i]), b[0].shape)
+                                                          for b in self.buffer]) for i in range(4))
+        self.buffer = []
+        if scored.any():
+            pred = self.estimate(q[scored], positions[scored])
+            b = self._bin(pred, self.reliability_bins)
+            np.add.at(self.rel_n, b, 1)
+            np.add.at(self.rel_pred, b, pred)
+            np.add.at(self.rel_hits, b, outcomes[scored])
+        cell = (self._row(positions), self._bin(q, self.num_bins))
+        np.add.at(self.trials, cell, 1)
+        np.add.at(self.accepts, cell, outcomes)
+
     def count_transitions(self, q: np.ndarray) -> None:
-        """q [B, K]: the drafts of one step (draft-side only: every drafted pair counts, verified or not)."""
+        """q [B, K]: the drafts of one step (draft-side only: every drafted pair counts, verified or not).
+        The move table is rebuilt when next read."""
         if q.shape[1] > 1:
             b = self._bin(q, self.num_bins)
             np.add.at(self.transitions, (b[:, :-1].ravel(), b[:, 1:].ravel()), 1)
-            self._refit_moves()
+            self.next_bin = None
 
     def reliability(self) -> dict:
         """Reliability table and expected calibration error of the estimates as they were used after
         warm-up (see reliability_table)."""
+        self._flush()
         return {"observations": self.seen, **reliability_table(self.rel_n, self.rel_pred, self.rel_hits)}
 
     def state(self) -> dict:
+        self._flush()
         return {"num_bins": self.num_bins, "positions": self.positions, "trials": self.trials.tolist(),
                 "accepts": self.accepts.tolist(), "transitions": self.transitions.tolist()}
 
@@ -205,16 +232,35 @@ def best_capacity(values, batch_size: int, fixed_time: float, cost: CostModel, m
 
     Returns (C, rate): the C best tokens maximize (B + their sum) / (fixed_time + verify(B + C)).
     """
+    n = np.arange(_array(values).size + 1, dtype=np.float64)
+    return _best_capacity(values, batch_size, fixed_time, verify_scale * cost.target_time(batch_size, batch_size + n,
+                                                                                             mean_len))
+
+
+def _best_capacity(values, batch_size: int, fixed_time: float, verify: np.ndarray) -> tuple[int, float]:
+    """best_capacity with the verify times of capacities 0, 1, ... given (at least one more than values)."""
     v = -np.sort(-_array(values).astype(np.float64).ravel())
     gains = np.concatenate([[0.0], np.cumsum(v)])  # [N + 1]
-    times = fixed_time + verify_scale * cost.target_time(batch_size, batch_size + np.arange(gains.size), mean_len)
-    rates = (batch_size + gains) / times
+    rates = (batch_size + gains) / (fixed_time + verify[: gains.size])
     best = int(rates.argmax())
     return best, float(rates[best])
 
 
+@dataclass
+class StepPrices:
+    """One step's predicted times, corrected by its batch-size range's clock. Computed once a step
+    and read by every keep_going decision and by select: right after a forward has streamed the
+    weights through the caches, each numpy call costs several times what it does in a micro-benchmark,
+    and pricing the same curve three times a step cost auto about 1% of its time at batch 1."""
+
+    key: tuple
+    draft: float  # one draft forward over the drafted rows
+    verify: np.ndarray  # [B * max_depth + 1]: the target forward verifying B + c tokens, c = 0, 1, ...
+
+
 PROBE_BUDGET = 0.03  # probes may cost at most this fraction of the plain decoding time between them
 PROBE_ROWS = 4  # a probe drafts for this many sequences, those the draft has read the most of
+LEARN_EVERY = 8  # speculative steps whose outcomes are learned from in one go (observe)
 
 
 class AutoTetris(Selector):
@@ -234,6 +280,26 @@ class AutoTetris(Selector):
         self.last_capacity = 0
         self.clocks: dict[int, StepClock] = {}
         self.probe_rows: list[int] | None = None  # the sequences this step's probe drafts for
+        self._prices: StepPrices | None = None
+        self._verify_lines: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per batch size (prices)
+        self._lines_cost: CostModel | None = None  # the cost model they came from
+        self.queued: list[tuple] = []  # outcomes not yet learned from (observe)
+
+    def prices(self, batch_size: int, drafted_rows: int, mean_len: float) -> StepPrices:
+        """This step's StepPrices (the clock only moves between steps, so the key changes every step)."""
+        r = self.clock(batch_size).ratio
+        key = (batch_size, drafted_rows, mean_len, r["draft"], r["verify"], id(self.cost))
+        if self._prices is None or self._prices.key != key:
+            if self._lines_cost is not self.cost:
+                self._verify_lines, self._lines_cost = {}, self.cost
+            line = self._verify_lines.get(batch_size)
+            if line is None:  # the profiled target time is a straight line in the mean context
+                n = batch_size + np.arange(batch_size * self.max_depth + 1, dtype=np.float64)
+                at_zero = self.cost.target_time(batch_size, n, 0.0)
+                line = self._verify_lines[batch_size] = (at_zero, self.cost.target_time(batch_size, n, 1.0) - at_zero)
+            verify = r["verify"] * np.maximum(line[0] + mean_len * line[1], 1e-6)
+            self._prices = StepPrices(key, r["draft"] * self.cost.draft_time(drafted_rows, mean_len), verify)
+        return self._prices
 
     def clock(self, batch_size: int) -> StepClock:
         """The StepClock of this batch size's range (powers of two)."""
@@ -369,15 +435,12 @@ class AutoTetris(Selector):
         def decide(logprobs: torch.Tensor) -> bool:  # [B, j] drafted so far
             B, j = logprobs.shape
             q, cum = self._running_estimates(logprobs)
-            r = self.clock(B).ratio
-            draft_t = r["draft"] * self.cost.draft_time(B, batch.mean_len)
-            scale = r["verify"]
-            capacity, rate = best_capacity(cum, B, j * draft_t, self.cost, batch.mean_len, scale)
+            price = self.prices(B, B, batch.mean_len)
+            capacity, rate = _best_capacity(cum, B, j * price.draft, price.verify)
             # marginal verify time per token over the next B tokens (a whole next level)
-            t = self.cost.target_time(B, np.array([B + capacity, 2 * B + capacity], dtype=np.float64), batch.mean_len)
-            dt = scale * float(t[1] - t[0]) / B
+            dt = float(price.verify[capacity + B] - price.verify[capacity]) / B
             worth = self.estimator.expected_next_gain(q[:, -1], cum[:, -1], j, rate * dt)
-            return worth > rate * draft_t
+            return worth > rate * price.draft
 
         return decide
 
@@ -388,27 +451,37 @@ class AutoTetris(Selector):
         drafted = q[:, 0] > 0  # rows a probe left out have q = 0 (Proposal.scatter)
         for j, m in enumerate(cum[drafted].mean(0).tolist()):
             self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * m
-        r = self.clock(B).ratio
-        draft_t = K * r["draft"] * self.cost.draft_time(int(drafted.sum()), batch.mean_len)
-        capacity, _ = best_capacity(cum, B, draft_t, self.cost, batch.mean_len, r["verify"])
+        price = self.prices(B, int(drafted.sum()), batch.mean_len)
+        capacity, _ = _best_capacity(cum, B, K * price.draft, price.verify)
         self.last_capacity = capacity
         # the same position-major stable order as tetris_select: prefixes, ties to shallow
         order = np.argsort(-cum.T.ravel(), kind="stable")[:capacity]
         return torch.from_numpy(np.bincount(order % B, minlength=B))
 
     def observe(self, proposal_logprobs: torch.Tensor, lengths: list[int], accepted: list[int]) -> None:
-        probs = np.exp(_array(proposal_logprobs))  # [B, K]
-        self.estimator.count_transitions(probs[probs[:, 0] > 0])  # rows not drafted have q = 0
-        accepted = np.asarray(accepted)
-        pos = np.arange(probs.shape[1])
-        rows, cols = np.nonzero(pos[None, :] < np.minimum(lengths, accepted + 1)[:, None])  # prefix accepted
+        """Outcomes are queued and learned from LEARN_EVERY steps at a time: the same numpy calls run
+        back to back on warm caches instead of once after every forward (see StepPrices)."""
+        self.queued.append((proposal_logprobs, lengths, accepted))
+        if len(self.queued) >= LEARN_EVERY:
+            self.learn()
+
+    def learn(self) -> None:
+        """Learn from the queued outcomes now (also done before the calibration is read)."""
+        queued, self.queued = self.queued, []
         before = self.estimator.seen
-        self.estimator.update(probs[rows, cols], cols, cols < accepted[rows])
+        for proposal_logprobs, lengths, accepted in queued:
+            probs = np.exp(_array(proposal_logprobs))  # [B, K]
+            self.estimator.count_transitions(probs[probs[:, 0] > 0])  # rows not drafted have q = 0
+            accepted = np.asarray(accepted)
+            pos = np.arange(probs.shape[1])
+            rows, cols = np.nonzero(pos[None, :] < np.minimum(lengths, accepted + 1)[:, None])  # prefix accepted
+            self.estimator.update(probs[rows, cols], cols, cols < accepted[rows])
         if self.state_path and self.estimator.seen // 1000 != before // 1000:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
             self.state_path.write_text(json.dumps({**self.estimator.state(), "level_means": self.level_means}))
 
     def calibration(self) -> dict:
+        self.learn()
         out = self.estimator.reliability()
         out["last_capacity"] = self.last_capacity
         return out
