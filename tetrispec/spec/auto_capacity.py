@@ -62,7 +62,6 @@ class AcceptanceEstimator:
         self.rel_n = np.zeros(reliability_bins)
         self.rel_pred = np.zeros(reliability_bins)
         self.rel_hits = np.zeros(reliability_bins)
-        self.buffer: list[tuple] = []  # outcomes not yet counted (see update)
         self._refit()
 
     def _row(self, positions) -> np.ndarray:
@@ -75,8 +74,6 @@ class AcceptanceEstimator:
         return np.minimum((q * bins).astype(np.int64), bins - 1)
 
     def _refit(self) -> None:
-        self._flush()
-
         def fit(trials: np.ndarray, accepts: np.ndarray, prior: np.ndarray) -> list[float]:
             w = trials + self.prior_weight
             return isotonic(((accepts + self.prior_weight * prior) / w).tolist(), w.tolist())
@@ -114,40 +111,23 @@ class AcceptanceEstimator:
         return float((probs * np.maximum(values - threshold, 0.0)).sum())
 
     def update(self, q, positions, outcomes) -> None:
-        """Verified tokens whose prefix was accepted: draft probabilities q [N], positions [N], outcomes [N] 0/1.
-
-        Outcomes wait in a buffer until the next refit, which is when they would first change an
-        estimate: the counts are then added in one go (a step's few outcomes cost more to add
-        one step at a time than the whole batch does at once). The reliability of the estimates
-        as used comes out the same, since the table they were read from only changes at a refit.
-        """
-        q = _array(q)
+        """Verified tokens whose prefix was accepted: draft probabilities q [N], positions [N], outcomes [N] 0/1."""
+        q, outcomes = _array(q), _array(outcomes).astype(np.float64)
         if q.size == 0:
             return
-        after_warmup = self.seen >= self.warmup
-        self.seen += q.size
-        self.buffer.append((q.ravel(), np.broadcast_to(_array(positions), q.shape).ravel(),
-                            _array(outcomes).astype(np.float64).ravel(), after_warmup))
-        self.pending += q.size
-        if self.pending >= self.refit_every or self.seen <= self.warmup:
-            self._refit()
-
-    def _flush(self) -> None:
-        """Add the buffered outcomes to the counts (and to the reliability, those after warm-up)."""
-        if not self.buffer:
-            return
-        q, positions, outcomes, scored = (np.concatenate([np.broadcast_to(np.asarray(b[i]), b[0].shape)
-                                                          for b in self.buffer]) for i in range(4))
-        self.buffer = []
-        if scored.any():
-            pred = self.estimate(q[scored], positions[scored])
+        if self.seen >= self.warmup:
+            pred = self.estimate(q, positions)
             b = self._bin(pred, self.reliability_bins)
             np.add.at(self.rel_n, b, 1)
             np.add.at(self.rel_pred, b, pred)
-            np.add.at(self.rel_hits, b, outcomes[scored])
+            np.add.at(self.rel_hits, b, outcomes)
+        self.seen += q.size
         cell = (self._row(positions), self._bin(q, self.num_bins))
         np.add.at(self.trials, cell, 1)
         np.add.at(self.accepts, cell, outcomes)
+        self.pending += q.size
+        if self.pending >= self.refit_every or self.seen <= self.warmup:
+            self._refit()
 
     def count_transitions(self, q: np.ndarray) -> None:
         """q [B, K]: the drafts of one step (draft-side only: every drafted pair counts, verified or not).
@@ -160,11 +140,9 @@ class AcceptanceEstimator:
     def reliability(self) -> dict:
         """Reliability table and expected calibration error of the estimates as they were used after
         warm-up (see reliability_table)."""
-        self._flush()
         return {"observations": self.seen, **reliability_table(self.rel_n, self.rel_pred, self.rel_hits)}
 
     def state(self) -> dict:
-        self._flush()
         return {"num_bins": self.num_bins, "positions": self.positions, "trials": self.trials.tolist(),
                 "accepts": self.accepts.tolist(), "transitions": self.transitions.tolist()}
 
