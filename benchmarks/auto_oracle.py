@@ -7,6 +7,12 @@ Tetris with C = auto's verified tokens per step (rounded), so both verify about 
 tokens in total. Reported: verified tokens, VSR and oracle efficiency (accepted drafts over
 min(C, sum of true accepted lengths), step by step).
 
+The two runs verify the same total but not on the same steps: auto verifies in bursts (many
+tokens on the steps where drafting pays, none elsewhere), fixed C verifies a few every step, and
+min(C, accepted lengths) is easier to fill when C is small. So every run also scores, on each of
+its own speculative steps, fixed-capacity Tetris over the same drafts with the same C
+(`same_steps`): the two rankings compared token for token.
+
     python benchmarks/auto_oracle.py --num-prompts 64 --profile-path benchmarks/results/profiles/default-pair-cpu.json
 """
 
@@ -16,16 +22,41 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from interleave import chat_requests
 
 from tetrispec import LLM, SamplingParams
 from tetrispec.bench.datasets import load_dataset
 from tetrispec.spec.cost_model import CostModel
+from tetrispec.spec.selectors import tetris_select
+
+
+def count_same_steps(engine) -> dict:
+    """Wrap the engine's verification to score, on every speculative step, fixed-capacity Tetris over
+    the same drafts with C = the lengths the engine's own selector chose that step: the two selections
+    compared at the same verified-token count step by step, on the same drafts (the shadow oracle's
+    true accepted lengths say what either would have accepted; greedy: min(l_i, true length))."""
+    tally = {"accepted": 0, "tetris_accepted": 0, "bound": 0}
+    verify = engine._verify
+
+    def wrapped(items, seqs, proposal, lengths, verify_lens, oracle):
+        verdict = verify(items, seqs, proposal, lengths, verify_lens, oracle)
+        true = torch.tensor(verdict.oracle_accepted)
+        capacity = int(lengths.sum())
+        tetris = tetris_select(proposal.logprobs, capacity)
+        tally["accepted"] += int(torch.minimum(lengths, true).sum())
+        tally["tetris_accepted"] += int(torch.minimum(tetris, true).sum())
+        tally["bound"] += min(capacity, int(true.sum()))
+        return verdict
+
+    engine._verify = wrapped
+    return tally
 
 
 def run(prompts: list[list[int]], params: list[SamplingParams], **kw) -> dict:
     llm = LLM(spec_shadow_oracle=True, **kw)
     llm.engine.step_trace = []
+    same = count_same_steps(llm.engine)
     llm.generate(prompts, params, use_tqdm=False)
     s = llm.spec_stats()
     out = {k: s[k] for k in ("verified_tokens", "accepted_tokens", "num_steps", "verification_success_rate",
@@ -34,6 +65,10 @@ def run(prompts: list[list[int]], params: list[SamplingParams], **kw) -> dict:
         out["calibration_ece"] = s["calibration"]["ece"]
         out["calibration_ece_floor"] = s["calibration"]["ece_floor"]
         out["calibration_observations"] = s["calibration"]["observations"]
+    bound = max(1, same["bound"])
+    out["same_steps"] = {"oracle_efficiency": same["accepted"] / bound,
+                         "tetris_oracle_efficiency": same["tetris_accepted"] / bound,
+                         "accepted": same["accepted"], "tetris_accepted": same["tetris_accepted"]}
     cost = CostModel.load(kw["profile_path"]) if kw.get("profile_path") else None
     if cost is not None:  # the trace counts the selected drafts, not the shadow oracle's extra verification
         out["modelled_decode_tokens_per_s"] = s["emitted_tokens"] / cost.replay(llm.engine.step_trace)

@@ -44,6 +44,8 @@ if step concurrency; then
     --max-output 48 --profile $PROFILE --out $R/concurrency_cpu 2>&1 | grep --line-buffered -v torn | tee $R/concurrency_cpu.log
 fi
 if step auto_oracle; then
-  python benchmarks/auto_oracle.py --num-prompts 64 --max-output 64 --profile-path $PROFILE \
-    --out $R/auto_oracle_cpu.json 2>&1 | grep -v torn | tee $R/auto_oracle_cpu.log
+  for c in 8 32; do  # where auto drafts most steps, and where it mostly decodes plainly
+    python benchmarks/auto_oracle.py --num-prompts 160 --max-output 64 --max-num-seqs $c --profile-path $PROFILE \
+      --out $R/auto_oracle_cpu_c$c.json 2>&1 | grep -v torn | tee $R/auto_oracle_cpu_c$c.log
+  done
 fi
