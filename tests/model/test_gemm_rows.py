@@ -28,7 +28,7 @@ def test_training_is_never_padded():
 
 
 def test_plans_pad_only_upward_and_are_shared_per_shape():
-    plan = measure_plan(torch.randn(64, 32))
+    plan = measure_plan([torch.randn(64, 32), torch.randn(64, 32)])
     assert len(plan) == MAX_ROWS + 1 and all(m <= p <= MAX_ROWS for m, p in enumerate(plan))
     model = torch.nn.Sequential(Linear(32, 64), Linear(32, 64), Linear(64, 32))
     plans = plan_row_padding(model)

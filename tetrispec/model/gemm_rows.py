@@ -6,7 +6,11 @@ On MKL float32 (the dev VM: AVX-512, 2 cores), a matmul against a large weight c
 bfloat16 (AMX) do not. Decode and verify steps at 2-8 concurrent requests land exactly there, and
 a ragged verify of 13 tokens cost more than a uniform one of 16. Which counts are slow depends on
 the BLAS, the CPU and the weight's shape, so it is measured, once per weight shape and dtype when
-a model runner starts on CPU (about half a second for the default target), not assumed.
+a model runner starts on CPU, not assumed. It is measured the way a forward uses the weights: one
+timing is a pass over every layer's weight of that shape, which streams them from memory. Timing
+one weight over and over (it stays in cache) gave plans that flipped from start to start (the
+gate/up projection at 13 rows: 30% slower than 16 in cache, 17% streamed) and left a ragged
+verify of 13 tokens at 115 ms where 16 took 95 (about 2 s at start for the default target).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 MAX_ROWS = 16  # row counts above this run as they are
-MIN_SAVING = 0.3  # pad only when it saves at least this fraction (a marginal plan lost a few % in whole forwards)
+MIN_SAVING = 0.1  # pad only when the streamed pass is at least this much faster ...
+MIN_SECONDS = 5e-4  # ... and by at least this much per forward (smaller gaps between counts are timing noise)
 
 
 class Linear(nn.Linear):
@@ -37,36 +42,42 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def measure_plan(weight: torch.Tensor, repeats: int = 2) -> tuple[int, ...]:
-    """plan[m] for m = 0..MAX_ROWS: the cheapest row count >= m, where it beats m by MIN_SAVING."""
-    x = torch.randn(MAX_ROWS, weight.shape[1], dtype=weight.dtype, device=weight.device)
+def measure_plan(weights: list[torch.Tensor], repeats: int = 2) -> tuple[int, ...]:
+    """plan[m] for m = 0..MAX_ROWS: the cheapest row count >= m, where it beats m by MIN_SAVING and
+    MIN_SECONDS. weights: every weight of one shape and dtype in the model, timed as a forward meets
+    them (one pass over all of them)."""
+    x = torch.randn(MAX_ROWS, weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
     times = [float("inf")] * (MAX_ROWS + 1)
     with torch.inference_mode():
-        F.linear(x, weight)  # warm-up
         start = time.perf_counter()
-        F.linear(x, weight)
-        calls = min(max(int(1e-3 / (time.perf_counter() - start + 1e-9)), 1), 64)  # >= ~1 ms per timing
-        for _ in range(repeats):  # interleaved passes: a slow moment hits every count alike
+        for w in weights:  # warm-up, and how many passes make a timing of at least ~1 ms
+            F.linear(x, w)
+        passes = min(max(int(1e-3 / (time.perf_counter() - start + 1e-9)), 1), 64)
+        for _ in range(repeats):  # interleaved: a slow moment hits every count alike
             for m in range(1, MAX_ROWS + 1):
                 start = time.perf_counter()
-                for _ in range(calls):
-                    F.linear(x[:m], weight)
+                for _ in range(passes):
+                    for w in weights:
+                        F.linear(x[:m], w)
                 times[m] = min(times[m], time.perf_counter() - start)
     plan = [0]
     for m in range(1, MAX_ROWS + 1):
         best = min(range(m, MAX_ROWS + 1), key=times.__getitem__)
-        plan.append(best if times[best] < (1 - MIN_SAVING) * times[m] else m)
+        saved = times[m] - times[best]
+        plan.append(best if saved > MIN_SAVING * times[m] and saved / passes > MIN_SECONDS else m)
     return tuple(plan)
 
 
 def plan_row_padding(model: nn.Module) -> dict[tuple, tuple[int, ...]]:
     """Give every Linear of a CPU model its plan, measuring each distinct weight shape and dtype once
     (a model shared by several runners keeps the plan it got first)."""
-    plans: dict[tuple, tuple[int, ...]] = {}
+    groups: dict[tuple, list[Linear]] = {}
     for module in model.modules():
         if isinstance(module, Linear) and module.weight.device.type == "cpu" and module.row_plan is None:
-            key = (tuple(module.weight.shape), module.weight.dtype)
-            if key not in plans:
-                plans[key] = measure_plan(module.weight.detach())
-            module.row_plan = plans[key]
+            groups.setdefault((tuple(module.weight.shape), module.weight.dtype), []).append(module)
+    plans = {}
+    for key, modules in groups.items():
+        plans[key] = measure_plan([m.weight.detach() for m in modules])
+        for m in modules:
+            m.row_plan = plans[key]
     return plans
