@@ -98,8 +98,7 @@ class AcceptanceEstimator:
         """q [B, K]: each request's draft, position j in column j (estimate with the positions implied,
         in as few numpy calls as it takes: this runs after every draft forward)."""
         q = _array(q)
-        offsets = np.minimum(np.arange(q.shape[1]), self.positions - 1) * self.num_bins
-        return self.table.ravel()[np.minimum((q * self.num_bins).astype(np.int64), self.num_bins - 1) + offsets]
+        return self.table.ravel()[self._row(np.arange(q.shape[1])) * self.num_bins + self._bin(q, self.num_bins)]
 
     def expected_next_gain(self, q_last: np.ndarray, cum_last: np.ndarray, position: int, threshold: float) -> float:
         """Expected sum over requests of max(0, estimate of their next draft token - threshold), the
