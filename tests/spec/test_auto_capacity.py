@@ -123,7 +123,7 @@ def test_auto_tetris_selects_prefixes_within_capacity():
     # free verification: draft to full depth and keep going while drafts are confident
     free = AutoTetris(max_depth=4, cost=cost(per_token=0.0, draft=1e-6))
     assert free.depth(BatchInfo(3, 100)) == 4
-    assert free.keep_going(BatchInfo(3, 100))(logprobs[:, :2]) is True
+    assert free.keep_going(BatchInfo(3, 100))(logprobs[:, :2]) == [True] * 3
 
 
 def test_auto_tetris_learns_from_outcomes():
@@ -184,8 +184,8 @@ def test_measured_step_times_reprice_speculation():
     for _ in range(200):  # a slow draft alone makes deep drafting stop sooner
         sel.observe_step(StepRecord(8, 16, 1, 100.0, 1.5 * verify_t + 40 * draft_t, 40 * draft_t))
     fresh = AutoTetris(max_depth=2, cost=model)
-    verdicts = [(fresh.keep_going(batch)(torch.log(torch.full((8, 1), q))), sel.keep_going(batch)(torch.log(
-        torch.full((8, 1), q)))) for q in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
+    verdicts = [(all(fresh.keep_going(batch)(torch.log(torch.full((8, 1), q)))), all(sel.keep_going(batch)(torch.log(
+        torch.full((8, 1), q))))) for q in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)]
     assert all(profiled or not slow for profiled, slow in verdicts)
     assert any(profiled and not slow for profiled, slow in verdicts)
 
@@ -305,12 +305,12 @@ def test_keep_going_prices_the_next_level_from_how_draft_confidence_moves():
     batch = BatchInfo(1, 100)
     confident = torch.log(torch.tensor([[0.9]]))
     # a confident draft whose next token tends to be confident too is worth one more forward ...
-    assert steady.keep_going(batch)(confident) is True
+    assert steady.keep_going(batch)(confident) == [True]
     # ... one whose confidence tends to collapse is not, though the first token alone is worth verifying
-    assert fading.keep_going(batch)(confident) is False
+    assert fading.keep_going(batch)(confident) == [False]
     assert int(fading.select(confident, batch).sum()) == 1
     # and a hopeless draft stops either way
-    assert steady.keep_going(batch)(torch.log(torch.tensor([[0.05]]))) is False
+    assert steady.keep_going(batch)(torch.log(torch.tensor([[0.05]]))) == [False]
 
 
 def test_step_prices_match_the_cost_model():
@@ -321,7 +321,16 @@ def test_step_prices_match_the_cost_model():
     sel = AutoTetris(max_depth=3, cost=model)
     for B, s in [(1, 37.0), (5, 410.5), (16, 1200.0), (5, 90.0)]:
         sel.clock(B).ratio.update(draft=1.2, verify=0.9)
-        price = sel.prices(B, B, s)
+        price = sel.prices(B, s)
         n = B + np.arange(3 * B + 1)
         assert price.verify == pytest.approx(0.9 * model.target_time(B, n, s))
-        assert price.draft == pytest.approx(1.2 * model.draft_time(B, s))
+        assert price.draft(B) == pytest.approx(1.2 * model.draft_time(B, s))
+
+
+def test_keep_going_stops_the_requests_whose_next_token_cannot_pay():
+    """Per request: a hopeless draft stops while confident ones in the same batch go on (and a
+    request that already stopped, log-confidence -inf, stays stopped)."""
+    sel = AutoTetris(max_depth=3, cost=cost(per_token=0.004, fixed=0.05, draft=0.001))
+    batch = BatchInfo(4, 100)
+    logprobs = torch.log(torch.tensor([[0.95, 0.9], [0.9, 0.95], [0.02, 0.01], [0.9, 0.0]]))
+    assert sel.keep_going(batch)(logprobs) == [True, True, False, False]

@@ -10,7 +10,7 @@ import torch
 
 from tetrispec.config import SpecConfig
 from tetrispec.spec.cost_model import CostModel
-from tetrispec.spec.selectors import DSD, BatchInfo, FixedK, Tetris, make_selector, tetris_select
+from tetrispec.spec.selectors import DSD, BatchInfo, FixedK, Tetris, make_selector, selectable_rows, tetris_select
 
 
 def expected_accepted(logprobs: torch.Tensor, lengths) -> float:
@@ -42,6 +42,38 @@ def test_tetris_select_equals_brute_force(seed):
     assert int(lengths.sum()) == min(capacity, B * K)
     assert (lengths >= 0).all() and (lengths <= K).all()
     assert expected_accepted(logprobs, lengths.tolist()) == pytest.approx(brute_force(logprobs, capacity), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_stopping_unselectable_requests_keeps_the_selection(seed):
+    """Drafting level by level and stopping each request once selectable_rows says no gives the
+    same tetris_select lengths as drafting everything, ties included."""
+    g = torch.Generator().manual_seed(seed)
+    B, K = 1 + seed % 5, 2 + seed % 4
+    if seed % 2:
+        choices = torch.tensor([math.log(1.0), math.log(0.5), math.log(0.25), math.log(0.125)])
+        full = choices[torch.randint(0, 4, (B, K), generator=g)]
+    else:
+        full = torch.log(torch.rand(B, K, generator=g).clamp_min(1e-6))
+    capacity = int(torch.randint(0, B * K + 2, (1,), generator=g))
+    pruned = torch.full((B, K), float("-inf"))
+    active = [True] * B
+    for j in range(K):
+        for i in range(B):
+            if active[i]:
+                pruned[i, j] = full[i, j]
+        if j + 1 < K:
+            keep = selectable_rows(pruned[:, : j + 1], capacity)
+            active = [a and k for a, k in zip(active, keep)]
+    assert tetris_select(pruned, capacity).tolist() == tetris_select(full, capacity).tolist()
+
+
+def test_selectable_rows_stops_the_weak_requests_once_capacity_is_drafted():
+    logprobs = torch.log(torch.tensor([[0.9, 0.9], [0.9, 0.2], [0.5, 0.5]]))
+    assert selectable_rows(logprobs[:, :1], 4) == [True, True, True]  # fewer than C drafted: all go on
+    assert selectable_rows(logprobs, 4) == [True, False, False]  # scores .9 .81 / .9 .18 / .5 .25: T = .5
+    assert selectable_rows(logprobs, 3) == [False] * 3  # T = .81: row 0's deeper tokens would rank after it
+    assert selectable_rows(logprobs, 0) == [False] * 3
 
 
 def test_tetris_select_ties_never_exceed_capacity():
@@ -94,3 +126,11 @@ def test_make_selector():
     assert make_selector(SpecConfig(method="fixed", num_speculative_tokens=4), True).max_depth == 4
     assert make_selector(SpecConfig(method="tetris", num_speculative_tokens=2, tetris_extra_proposals=3),
                          True).max_depth == 5
+
+
+def test_tetris_stops_requests_early_except_under_the_shadow_oracle():
+    batch = BatchInfo(4, 10)
+    assert make_selector(SpecConfig(method="tetris"), has_draft=True).keep_going(batch) is not None
+    assert make_selector(SpecConfig(method="tetris"), has_draft=True).keep_going(BatchInfo(1, 10)) is None  # turned off
+    shadow = make_selector(SpecConfig(method="tetris", shadow_oracle=True), has_draft=True)
+    assert shadow.keep_going(batch) is None  # the oracle's bound counts every request's full k + e drafts

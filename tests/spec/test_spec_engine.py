@@ -81,7 +81,9 @@ def test_tetris_respects_capacity(tiny_pair, monkeypatch):
     assert long_prompts and sum(t.catch_up_tokens for t in llm.engine.step_trace) == sum(long_prompts)
     for total, B, K, _ in seen:
         assert total <= 2 * B
-        assert K == (4 if B >= 2 else 2)
+        assert K <= (4 if B >= 2 else 2)
+    # requests whose deeper drafts could not be selected stopped drafting (Tetris.keep_going)
+    assert any(t.draft_rows < t.batch_size for t in spec_steps if t.batch_size >= 2)
     # confident requests get longer windows than others: not every step is plain fixed-k
     assert any(len(set(lengths)) > 1 for *_, lengths in seen if len(lengths) >= 2)
 
@@ -186,7 +188,7 @@ def test_drafting_for_some_rows_keeps_greedy_outputs(tiny_pair, target_greedy, m
     assert [o.token_ids for o in outputs] == target_greedy
     s = llm.engine.stats
     assert 0 < s.accepted <= s.verified <= s.drafted < 3 * s.request_steps  # odd rows drafted nothing
-    partial = [t for t in llm.engine.step_trace if t.draft_rows]
+    partial = [t for t in llm.engine.step_trace if t.depth and t.batch_size > 1]
     assert partial and all(t.draft_rows == (t.batch_size + 1) // 2 for t in partial)
     assert llm.engine.block_manager.num_free == llm.engine.block_manager.num_blocks
 

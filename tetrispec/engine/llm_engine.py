@@ -191,7 +191,7 @@ class LLMEngine:
             # the results were read back (tolist), so the clock covers the device's work too
             record = StepRecord(len(seqs), tokens, depth, info.mean_len, time.perf_counter() - start, draft_seconds,
                                 proposal.catch_up_seconds if proposal else 0.0,
-                                proposal.catch_up_tokens if proposal else 0, proposal.rows if proposal else 0)
+                                proposal.catch_up_tokens if proposal else 0, proposal.mean_rows if proposal else 0.0)
             self.selector.observe_step(record)
             if self.step_trace is not None:
                 self.step_trace.append(record)
@@ -250,11 +250,7 @@ class LLMEngine:
         if self.device.type == "cuda":  # not every selector reads the proposal back: wait for the draft here
             torch.cuda.synchronize()
         draft_seconds = time.perf_counter() - start - proposal.catch_up_seconds
-        K = proposal.depth
-        drafted = [K] * B
-        if rows is not None:
-            chosen = set(rows)
-            drafted = [K * (i in chosen) for i in range(B)]
+        drafted = proposal.drafted
         lengths = self.selector.select(proposal.logprobs, info).clamp(max=torch.tensor(drafted))  # [B]
         shadow = self.config.spec.shadow_oracle
         verify_lens = drafted if shadow else lengths.tolist()

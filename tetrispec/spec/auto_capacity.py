@@ -109,6 +109,10 @@ class AcceptanceEstimator:
         values = cum_last[:, None] * self.table[min(position, self.positions - 1)][None, :]
         return float((probs * np.maximum(values - threshold, 0.0)).sum())
 
+    def best_estimate(self, position: int) -> float:
+        """The highest estimate any token at this position can get (the table is isotonic in q)."""
+        return float(self.table[min(position, self.positions - 1), -1])
+
     def update(self, q, positions, outcomes) -> None:
         """Verified tokens whose prefix was accepted: draft probabilities q [N], positions [N], outcomes [N] 0/1."""
         q, outcomes = _array(q), _array(outcomes).astype(np.float64)
@@ -129,11 +133,13 @@ class AcceptanceEstimator:
             self._refit()
 
     def count_transitions(self, q: np.ndarray) -> None:
-        """q [B, K]: the drafts of one step (draft-side only: every drafted pair counts, verified or not).
+        """q [B, K]: the drafts of one step (draft-side only: every drafted pair counts, verified or not;
+        q = 0 marks a position that was not drafted).
         The move table is rebuilt when next read."""
         if q.shape[1] > 1:
             b = self._bin(q, self.num_bins)
-            np.add.at(self.transitions, (b[:, :-1].ravel(), b[:, 1:].ravel()), 1)
+            pairs = q[:, 1:] > 0  # a request that stopped drafting has q = 0 past its last draft
+            np.add.at(self.transitions, (b[:, :-1][pairs], b[:, 1:][pairs]), 1)
             self.next_bin = None
 
     def reliability(self) -> dict:
@@ -231,8 +237,14 @@ class StepPrices:
     and pricing the same curve three times a step cost auto about 1% of its time at batch 1."""
 
     key: tuple
-    draft: float  # one draft forward over the drafted rows
+    cost: CostModel
+    draft_ratio: float
+    mean_len: float
     verify: np.ndarray  # [B * max_depth + 1]: the target forward verifying B + c tokens, c = 0, 1, ...
+
+    def draft(self, rows: float) -> float:
+        """One draft forward over `rows` sequences."""
+        return self.draft_ratio * self.cost.draft_time(rows, self.mean_len)
 
 
 PROBE_BUDGET = 0.03  # probes may cost at most this fraction of the plain decoding time between them
@@ -262,10 +274,10 @@ class AutoTetris(Selector):
         self._lines_cost: CostModel | None = None  # the cost model they came from
         self.queued: list[tuple] = []  # outcomes not yet learned from (observe)
 
-    def prices(self, batch_size: int, drafted_rows: int, mean_len: float) -> StepPrices:
+    def prices(self, batch_size: int, mean_len: float) -> StepPrices:
         """This step's StepPrices (the clock only moves between steps, so the key changes every step)."""
         r = self.clock(batch_size).ratio
-        key = (batch_size, drafted_rows, mean_len, r["draft"], r["verify"], id(self.cost))
+        key = (batch_size, mean_len, r["draft"], r["verify"], id(self.cost))
         if self._prices is None or self._prices.key != key:
             if self._lines_cost is not self.cost:
                 self._verify_lines, self._lines_cost = {}, self.cost
@@ -275,7 +287,7 @@ class AutoTetris(Selector):
                 at_zero = self.cost.target_time(batch_size, n, 0.0)
                 line = self._verify_lines[batch_size] = (at_zero, self.cost.target_time(batch_size, n, 1.0) - at_zero)
             verify = r["verify"] * np.maximum(line[0] + mean_len * line[1], 1e-6)
-            self._prices = StepPrices(key, r["draft"] * self.cost.draft_time(drafted_rows, mean_len), verify)
+            self._prices = StepPrices(key, self.cost, r["draft"], mean_len, verify)
         return self._prices
 
     def clock(self, batch_size: int) -> StepClock:
@@ -408,16 +420,22 @@ class AutoTetris(Selector):
         marginal time dt, which pays when v > R * dt, so the level is worth E[sum max(0, v - R * dt)]
         tokens, against R * (its draft time) tokens that forward costs. v is the request's running
         product times the next token's estimate, whose q follows the counted moves from the last one.
+        A request whose next token could not pay even at the best estimate of its position stops
+        here (its expected worth is 0), so the level is drafted, and paid for, only for the others.
         """
-        def decide(logprobs: torch.Tensor) -> bool:  # [B, j] drafted so far
+        def decide(logprobs: torch.Tensor) -> list[bool]:  # [B, j] drafted so far
             B, j = logprobs.shape
             q, cum = self._running_estimates(logprobs)
-            price = self.prices(B, B, batch.mean_len)
-            capacity, rate = _best_capacity(cum, B, j * price.draft, price.verify)
+            price = self.prices(B, batch.mean_len)
+            capacity, rate = _best_capacity(cum, B, j * price.draft(B), price.verify)
             # marginal verify time per token over the next B tokens (a whole next level)
-            dt = float(price.verify[capacity + B] - price.verify[capacity]) / B
-            worth = self.estimator.expected_next_gain(q[:, -1], cum[:, -1], j, rate * dt)
-            return worth > rate * price.draft
+            threshold = rate * float(price.verify[capacity + B] - price.verify[capacity]) / B
+            rows = cum[:, -1] * self.estimator.best_estimate(j) > threshold
+            n = int(rows.sum())
+            if n == 0:
+                return rows.tolist()
+            worth = self.estimator.expected_next_gain(q[:, -1], cum[:, -1], j, threshold)
+            return (rows & (worth > rate * price.draft(n))).tolist()
 
         return decide
 
@@ -428,8 +446,8 @@ class AutoTetris(Selector):
         drafted = q[:, 0] > 0  # rows a probe left out have q = 0 (Proposal.scatter)
         for j, m in enumerate(cum[drafted].mean(0).tolist()):
             self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * m
-        price = self.prices(B, int(drafted.sum()), batch.mean_len)
-        capacity, _ = _best_capacity(cum, B, K * price.draft, price.verify)
+        price = self.prices(B, batch.mean_len)
+        capacity, _ = _best_capacity(cum, B, K * price.draft(int(drafted.sum())), price.verify)
         self.last_capacity = capacity
         # the same position-major stable order as tetris_select: prefixes, ties to shallow
         order = np.argsort(-cum.T.ravel(), kind="stable")[:capacity]

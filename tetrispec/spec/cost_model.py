@@ -43,7 +43,7 @@ class StepRecord(NamedTuple):
     draft_seconds: float = 0.0  # of which the draft forwards (K levels, short catch-ups inline)
     catch_up_seconds: float = 0.0  # of which a separate draft catch-up over long lags (prompts, pauses)
     catch_up_tokens: int = 0  # tokens that catch-up fed to the draft
-    draft_rows: int = 0  # sequences the draft ran on; 0: the whole batch (a probe drafts a few)
+    draft_rows: float = 0.0  # sequences per draft forward (mean over the levels); 0: the whole batch
 
 
 def _segment(knots: list[float], x: float) -> tuple[int, int, float]:

@@ -22,20 +22,28 @@ from tetrispec.model.model_runner import ForwardItem, ModelRunner
 
 @dataclass
 class Proposal:
+    """Drafts of every request; request i drafted drafted[i] <= K tokens, and its positions past
+    that hold log-confidence -inf and a zero distribution, which no selector picks."""
+
     tokens: torch.Tensor  # [B, K] proposed tokens
     logprobs: torch.Tensor  # [B, K] log-confidence of each proposed token (log softmax for greedy requests)
     probs: torch.Tensor | None  # [B, K, V] draft distributions; None when every request is greedy
+    drafted: list[int]  # [B] tokens drafted per request
     catch_up_seconds: float = 0.0  # wall time of the separate catch-up forward (long lags), if any
     catch_up_tokens: int = 0  # tokens that forward fed
-    rows: int = 0  # sequences drafted for when only some were (scatter); 0: all of them
 
     @property
     def depth(self) -> int:
         return self.tokens.shape[1]
 
+    @property
+    def mean_rows(self) -> float:
+        """Requests per draft forward, on average over the K forwards (the draft's cost driver)."""
+        return sum(self.drafted) / max(self.depth, 1)
+
     def scatter(self, rows: list[int], batch_size: int) -> Proposal:
         """This proposal, made for the sequences at `rows`, as one for the whole batch: the other
-        rows get no drafts (log-confidence -inf, a zero distribution), which no selector picks."""
+        rows get no drafts."""
         index = torch.tensor(rows, device=self.tokens.device)
         K = self.depth
         tokens = self.tokens.new_zeros(batch_size, K).index_copy_(0, index, self.tokens)
@@ -43,13 +51,18 @@ class Proposal:
         probs = None
         if self.probs is not None:
             probs = self.probs.new_zeros(batch_size, *self.probs.shape[1:]).index_copy_(0, index, self.probs)
-        return Proposal(tokens, logprobs, probs, self.catch_up_seconds, self.catch_up_tokens, len(rows))
+        drafted = [0] * batch_size
+        for r, d in zip(rows, self.drafted):
+            drafted[r] = d
+        return Proposal(tokens, logprobs, probs, drafted, self.catch_up_seconds, self.catch_up_tokens)
 
 
 INLINE_CATCH_UP = 8  # lag (tokens) the first draft forward absorbs; longer lags are fed first
 
-# Called after each draft forward with the log-probabilities so far [B, j]; False stops drafting.
-KeepGoing = Callable[[torch.Tensor], bool]
+# Called after each draft forward with the log-probabilities so far [B, j] (-inf where a request
+# has stopped); returns, per request, whether to draft one more token for it. A request left out
+# stops for this step; when none is left, drafting ends.
+KeepGoing = Callable[[torch.Tensor], list[bool]]
 
 
 class DraftProposer:
@@ -58,9 +71,7 @@ class DraftProposer:
         self.generator = generator
 
     def propose(self, seqs: list[Sequence], depth: int, keep_going: KeepGoing | None = None) -> Proposal:
-        params = [s.params for s in seqs]
-        greedy = all(p.greedy for p in params)
-        tokens, logprobs, probs = [], [], []
+        greedy = all(s.params.greedy for s in seqs)
         lagging = [s for s in seqs if s.num_tokens - s.num_draft_cached > INLINE_CATCH_UP]
         catch_up_seconds, catch_up_tokens = 0.0, 0
         if lagging:
@@ -73,30 +84,49 @@ class DraftProposer:
             if self.runner.device.type == "cuda":
                 torch.cuda.synchronize()
             catch_up_seconds = time.perf_counter() - start
+        B = len(seqs)
         items = [ForwardItem(s.token_ids[s.num_draft_cached:], s.num_draft_cached, s.block_table) for s in seqs]
+        active = list(range(B))  # requests still drafting; items[a] is active[a]'s next forward
+        device = self.runner.device
+        logprobs = torch.full((B, depth), float("-inf"), device=device)
+        tokens = torch.zeros(B, depth, dtype=torch.long, device=device)
+        probs = None
+        drafted = [0] * B
         for j in range(depth):
+            sub = [seqs[i] for i in active]
             if greedy:
-                x, logprob = self.runner.forward_greedy(items, "last")  # [B], [B]
+                x, logprob = self.runner.forward_greedy(items, "last")  # [A], [A]
             else:
-                logits = self.runner.forward(items, "last")  # [B, V]
-                q = logits_to_probs(logits, params)
-                x = sample(q, draw_uniforms(seqs, 1, self.generator, q.device).squeeze(1))  # [B]
-                logprob = self._confidence(logits, q, x, params)
-                probs.append(q)
-            tokens.append(x)
-            logprobs.append(logprob)
-            if keep_going is not None and j + 1 < depth and not keep_going(torch.stack(logprobs, 1)):
+                logits = self.runner.forward(items, "last")  # [A, V]
+                q = logits_to_probs(logits, [s.params for s in sub])
+                x = sample(q, draw_uniforms(sub, 1, self.generator, q.device).squeeze(1))  # [A]
+                logprob = self._confidence(logits, q, x, [s.params for s in sub])
+                if probs is None:
+                    probs = q.new_zeros(B, depth, q.shape[1])
+                probs[active, j] = q
+            index = slice(None) if len(active) == B else torch.tensor(active, device=device)
+            tokens[index, j] = x
+            logprobs[index, j] = logprob.float()
+            for i in active:
+                drafted[i] += 1
+            if j + 1 == depth:
                 break
-            if j + 1 < depth:
-                xs = x.tolist()
-                items = [ForwardItem([xs[i]], s.num_tokens + j, s.block_table) for i, s in enumerate(seqs)]
-        # Fed: everything up to the last token, then the first len(tokens) - 1 drafts.
-        for s in seqs:
-            s.num_draft_cached = s.num_tokens + len(tokens) - 1
-        return Proposal(
-            torch.stack(tokens, 1), torch.stack(logprobs, 1), torch.stack(probs, 1) if probs else None,
-            catch_up_seconds, catch_up_tokens,
-        )
+            if keep_going is not None:
+                keep = keep_going(logprobs[:, : j + 1])
+                kept = [a for a, i in enumerate(active) if keep[i]]
+            else:
+                kept = list(range(len(active)))
+            if not kept:
+                break
+            xs = x.tolist()
+            items = [ForwardItem([xs[a]], sub[a].num_tokens + j, sub[a].block_table) for a in kept]
+            active = [active[a] for a in kept]
+        K = max(drafted)
+        # Fed: everything up to the last token, then the first drafted[i] - 1 drafts.
+        for s, d in zip(seqs, drafted):
+            s.num_draft_cached = s.num_tokens + d - 1
+        return Proposal(tokens[:, :K], logprobs[:, :K], None if probs is None else probs[:, :K], drafted,
+                        catch_up_seconds, catch_up_tokens)
 
     @staticmethod
     def _confidence(logits: torch.Tensor, q: torch.Tensor, x: torch.Tensor, params) -> torch.Tensor:

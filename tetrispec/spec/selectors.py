@@ -38,6 +38,25 @@ def tetris_select(draft_logprobs: torch.Tensor, capacity: int) -> torch.Tensor:
     return torch.bincount(order % B, minlength=B)
 
 
+def selectable_rows(draft_logprobs: torch.Tensor, capacity: int) -> list[bool]:
+    """Whether each request's next draft token could still be among tetris_select's `capacity`.
+
+    draft_logprobs [B, j] holds the drafts so far (-inf past a request's last draft). Once there
+    are `capacity` tokens, the capacity-th best score T bounds what gets in: a deeper token scores
+    at most its request's last score, and at T exactly it ranks behind all of them (ties go to the
+    shallower position), so a request goes on only while its last score is above T.
+    """
+    scores = draft_logprobs.clamp(max=0.0).cumsum(1)  # [B, j]
+    last = scores[:, -1]
+    drafted = int(torch.isfinite(scores).sum())
+    if capacity <= 0:
+        return [False] * scores.shape[0]
+    if drafted < capacity:
+        return torch.isfinite(last).tolist()
+    threshold = torch.topk(scores.reshape(-1), capacity).values[-1]
+    return (last > threshold).tolist()
+
+
 class Selector:
     """No speculation: every step is a plain decode."""
 
@@ -89,18 +108,31 @@ class Tetris(Selector):
 
     name = "tetris"
 
-    def __init__(self, k: int, extra: int, turn_on_batch_size: int = 2, capacity: int | None = None) -> None:
+    def __init__(self, k: int, extra: int, turn_on_batch_size: int = 2, capacity: int | None = None,
+                 stop_early: bool = True) -> None:
         self.k, self.extra, self.turn_on, self.capacity = k, extra, turn_on_batch_size, capacity
+        self.stop_early = stop_early
         self.max_depth = k + extra
 
     def depth(self, batch: BatchInfo) -> int:
         return self.k + self.extra if batch.batch_size >= self.turn_on else self.k
 
+    def _capacity(self, batch: BatchInfo) -> int:
+        return self.capacity if self.capacity is not None else self.k * batch.batch_size
+
     def select(self, draft_logprobs: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
         if batch.batch_size < self.turn_on:
             return torch.full((draft_logprobs.shape[0],), min(self.k, draft_logprobs.shape[1]), dtype=torch.long)
-        capacity = self.capacity if self.capacity is not None else self.k * batch.batch_size
-        return tetris_select(draft_logprobs, capacity)
+        return tetris_select(draft_logprobs, self._capacity(batch))
+
+    def keep_going(self, batch: BatchInfo):
+        """Stop drafting for a request as soon as none of its deeper tokens can be selected: the
+        selection is exactly the one over full drafts, for fewer draft rows past depth k + 1. Not
+        under the shadow oracle (stop_early False), whose bound counts the paper's full k + e drafts."""
+        if batch.batch_size < self.turn_on or not self.stop_early:
+            return None
+        capacity = self._capacity(batch)
+        return lambda logprobs: selectable_rows(logprobs, capacity)
 
 
 class DSD(Selector):
@@ -159,4 +191,5 @@ def make_selector(spec, has_draft: bool) -> Selector:
         from tetrispec.spec.auto_capacity import AutoTetris
 
         return AutoTetris(max_depth=k + spec.tetris_extra_proposals)
-    return Tetris(k, spec.tetris_extra_proposals, spec.tetris_turn_on_batch_size, spec.tetris_capacity)
+    return Tetris(k, spec.tetris_extra_proposals, spec.tetris_turn_on_batch_size, spec.tetris_capacity,
+                  stop_early=not spec.shadow_oracle)
