@@ -13,6 +13,8 @@ from tetrispec import SamplingParams
     (dict(max_tokens=0), "max_tokens"),
     (dict(max_tokens=True), "max_tokens"),
     (dict(seed="x"), "seed"),
+    (dict(seed=2**64), "seed"),  # torch.Generator.manual_seed overflows
+    (dict(top_k=2**63), "top_k"),  # overflows the int64 tensor inside an engine step
     (dict(stop=[""]), "stop"),
     (dict(stop_token_ids=[-1]), "stop_token_ids"),
 ])
@@ -25,3 +27,4 @@ def test_defaults_and_normalisation():
     p = SamplingParams(temperature=0, stop="###")
     assert p.greedy and p.stop == ["###"] and p.max_tokens == 16
     assert not SamplingParams().greedy
+    assert SamplingParams(temperature=1e-40).greedy  # logits / 1e-40 overflowed to NaN probabilities

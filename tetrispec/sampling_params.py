@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# A torch.Generator takes seeds in [-2**63, 2**64): beyond that manual_seed overflows.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+# Sampling tensors are int64: a larger top_k overflows torch.tensor inside an engine step, which
+# fails the whole batch. Any top_k >= the vocabulary already means "no top-k".
+MAX_TOP_K = 2**63 - 1
+# Below this, logits / temperature overflows float32 and the probabilities turn to NaN; such a
+# temperature means "the most likely token" anyway, so it counts as greedy (as vLLM does).
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -22,6 +31,8 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.validate()
+        if self.temperature < MIN_SAMPLING_TEMPERATURE:
+            self.temperature = 0.0
 
     def validate(self) -> None:
         def bad(name: str, value: object, rule: str) -> ValueError:
@@ -33,10 +44,11 @@ class SamplingParams:
             raise bad("temperature", self.temperature, "in [0, 100]")
         if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", self.top_p, "in (0, 1]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
-            raise bad("top_k", self.top_k, "-1 (disabled), 0 (disabled) or a positive integer")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", self.seed, "an integer")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not -1 <= self.top_k <= MAX_TOP_K:
+            raise bad("top_k", self.top_k, "-1 (disabled), 0 (disabled) or a positive integer below 2**63")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise bad("seed", self.seed, "an integer in [-2**63, 2**64)")
         if self.max_tokens is not None and (
             isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
         ):

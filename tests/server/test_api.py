@@ -214,6 +214,22 @@ BAD = [
     ("chat/completions", {"messages": CHAT, "max_completion_tokens": -3}, "max_completion_tokens"),
     ("chat/completions", {"messages": CHAT, "frequency_penalty": 0.5}, "frequency_penalty"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi " * 2100}]}, "messages"),
+    # values torch cannot hold: top_k used to fail the whole engine step (a 500 for every running request)
+    ("completions", {"prompt": "x", "top_k": 10**30}, "top_k"),
+    ("completions", {"prompt": "x", "seed": 2**70}, "seed"),
+    # prompt + max_tokens beyond the context: refused (OpenAI, vLLM), not cut short at the limit
+    ("completions", {"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
+    ("completions", {"prompt": [1] * 2000, "max_tokens": 100}, "max_tokens"),
+    ("chat/completions", {"messages": CHAT, "max_completion_tokens": 2048}, "max_completion_tokens"),
+    # OpenAI features that used to be silently ignored
+    ("completions", {"prompt": "x", "logprobs": 0}, "logprobs"),
+    ("completions", {"prompt": "x", "logit_bias": {"50": -100}}, "logit_bias"),
+    ("completions", {"prompt": "x", "suffix": "end"}, "suffix"),
+    ("chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ("chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+    ("chat/completions", {"messages": CHAT, "functions": [{"name": "f"}]}, "functions"),
 ]
 
 
@@ -241,6 +257,47 @@ def test_bad_input_is_400_and_others_go_on(server, client, refs):
         client.completions.create(model="no-such-model", prompt="x")
     assert e.value.status_code == 400 and e.value.body["code"] == "model_not_found"
     wait_until(lambda: blocks_free(server))
+
+
+def test_off_values_of_unsupported_features_pass(client):
+    """What clients send when a feature is off must not be refused."""
+    resp = client.chat.completions.create(
+        model=NAME, messages=CHAT, max_tokens=2, logprobs=False, tool_choice="none", response_format={"type": "text"},
+        logit_bias={}, presence_penalty=0, extra_body={"tools": [], "top_logprobs": 0})
+    assert resp.usage.completion_tokens >= 1
+    assert client.completions.create(model=NAME, prompt="x", max_tokens=2, logprobs=None, suffix=None, best_of=1,
+                                     echo=False).usage.completion_tokens >= 1
+
+
+def test_max_tokens_up_to_the_context_passes(server):
+    body = {"model": NAME, "prompt": [28] * 2040, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    resp = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert resp.status_code == 200 and resp.json()["usage"]["total_tokens"] == 2048
+
+
+@pytest.mark.parametrize("content, headers, message", [
+    ('{"prompt": "x"}', {"content-type": "application/x-www-form-urlencoded"}, "Content-Type: application/json"),
+    ("", {"content-type": "application/json"}, "request body is empty"),
+    ("5", {"content-type": "application/json"}, "must be a JSON object"),
+])
+def test_body_that_is_not_a_json_object_says_so(server, content, headers, message):
+    resp = httpx.post(f"{server.url}/v1/completions", content=content, headers=headers, timeout=60)
+    assert resp.status_code == 400 and message in resp.json()["error"]["message"], resp.text
+
+
+def test_tiny_temperature_and_top_p_sample_the_top_token(client, refs):
+    """temperature 1e-40 overflowed logits / T to NaN and top_p 1e-300 (0 in float32) masked every
+    token: both sampled garbage instead of (nearly) greedy."""
+    for kwargs in ({"temperature": 1e-40}, {"temperature": 1.0, "top_p": 1e-300}):
+        resp = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, **kwargs)
+        assert resp.choices[0].text == refs["completions"][0], kwargs
+
+
+def test_retrieve_model(client):
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found"
 
 
 # ---- disconnects ----------------------------------------------------------------------------

@@ -47,6 +47,7 @@ def _truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> tor
         sorted_probs = torch.softmax(sorted_logits.masked_fill(sorted_logits < kth, float("-inf")), -1)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
         drop_sorted = mass_before >= ps[:, None]  # the token that crosses top_p is kept
+        drop_sorted[:, 0] = False  # and the most likely one always, even where top_p rounds to 0
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         cut |= drop
     return logits.masked_fill(cut, float("-inf"))

@@ -72,6 +72,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     if err.get("type") == "json_invalid":
         return f"request body is not valid JSON: {err.get('msg')}", None
+    if not loc:  # the body as a whole: empty, not an object, or not sent as JSON (curl -d without -H)
+        return ("request body must be a JSON object sent with 'Content-Type: application/json'"
+                if err.get("type") != "missing" else "request body is empty: send a JSON object"), None
     where = ".".join(loc)
     return (f"{where}: {err.get('msg')}" if where else str(err.get("msg"))), (loc[0] if loc else None)
 
@@ -148,6 +151,15 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
                          max_model_len=engine.max_model_len)
         return ModelList(data=[card]).model_dump()
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict:
+        """OpenAI's retrieve-model route (`client.models.retrieve`)."""
+        if model_id != served_model_name:
+            raise APIError(404, f"model {model_id!r} does not exist; this server serves {served_model_name!r}",
+                           "model", "model_not_found")
+        return ModelCard(id=served_model_name, root=str(engine.config.model or served_model_name),
+                         max_model_len=engine.max_model_len).model_dump()
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -167,9 +179,20 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
             param = _param_of(e, tuple(SamplingRequest.model_fields))
             raise APIError(400, str(e), max_tokens_param if param == "max_tokens" else param) from None
 
-    async def submit(prompt: str | list[int], body: SamplingRequest, max_tokens: int | None, prompt_param: str,
+    def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_tokens_param: str) -> None:
+        """Refuse a request whose prompt plus max_tokens exceeds the context, as OpenAI and vLLM do,
+        instead of silently cutting the completion short at the limit. A prompt that alone is too
+        long is left to the engine, which names the prompt."""
+        limit = engine.max_model_len
+        if max_tokens is not None and num_prompt_tokens < limit < num_prompt_tokens + max_tokens:
+            raise APIError(400, f"this model's context is {limit} tokens, but the request asks for "
+                           f"{num_prompt_tokens + max_tokens} ({num_prompt_tokens} in the prompt, {max_tokens} "
+                           f"to generate): lower {max_tokens_param} or the prompt", max_tokens_param)
+
+    async def submit(prompt: list[int], body: SamplingRequest, max_tokens: int | None, prompt_param: str,
                      request_id: str, max_tokens_param: str = "max_tokens") -> RequestStream:
         params = sampling_params(body, max_tokens, max_tokens_param)
+        check_fits(len(prompt), max_tokens, max_tokens_param)
         if max_waiting_requests is not None and async_engine.num_waiting() >= max_waiting_requests:
             raise APIError(503, f"the server is busy: {max_waiting_requests} requests are already waiting; "
                            "retry later", code="queue_full")
@@ -189,8 +212,9 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
             prompt = prompt[0]
         if not prompt:
             raise APIError(400, "prompt is empty", "prompt")
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt  # as the engine would
         request_id = f"cmpl-{uuid.uuid4().hex}"
-        stream = await submit(prompt, body, body.max_tokens, "prompt", request_id)
+        stream = await submit(ids, body, body.max_tokens, "prompt", request_id)
         created = int(time.time())
 
         def chunk(text: str, finish_reason: str | None = None, spec: dict | None = None,

@@ -10,7 +10,7 @@ ignore_eos and stop_token_ids in requests (vLLM's names), spec_stats in response
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,14 +45,18 @@ class SamplingRequest(StrictModel):
     logprobs: bool | int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: Any = None
 
     def unsupported(self) -> str | None:
-        """The first field set to something tetrispec cannot do, or None."""
-        if self.logprobs not in (None, False):
+        """The first field set to something tetrispec cannot do, or None. `logprobs: 0` asks for
+        the sampled tokens' log-probabilities on /v1/completions, so only null and false pass."""
+        if self.logprobs is not None and self.logprobs is not False:
             return "logprobs"
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0):
                 return name
+        if self.logit_bias:
+            return "logit_bias"
         return None
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
@@ -76,12 +80,15 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = 16  # OpenAI's default for completions
     echo: bool = False
     best_of: int | None = None
+    suffix: Any = None
 
     def unsupported(self) -> str | None:
         if self.echo:
             return "echo"
         if self.best_of not in (None, 1):
             return "best_of"
+        if self.suffix:
+            return "suffix"
         return super().unsupported()
 
 
@@ -98,6 +105,29 @@ class ChatMessage(StrictModel):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    # OpenAI features tetrispec lacks, typed loosely: any value but the "off" ones is refused.
+    top_logprobs: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+
+    def unsupported(self) -> str | None:
+        """Clients send the "off" values (`tool_choice: "none"`, `response_format: {"type":
+        "text"}`, empty lists) freely; anything asking for the feature would be silently ignored."""
+        if self.top_logprobs:
+            return "top_logprobs"
+        if self.response_format not in (None, {"type": "text"}):
+            return "response_format"
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return name
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice"
+        if self.function_call not in (None, "none", "auto"):
+            return "function_call"
+        return super().unsupported()
 
 
 # ---- responses --------------------------------------------------------------------------
