@@ -25,6 +25,13 @@ def test_generate_json_with_spec_stats(tiny_pair, capsys):
     (["generate"], "at least one --prompt"),
     (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
     (["generate", "--prompts-file", "/no/such/file"], "no such file"),
+    (["generate", "--prompt", "x", "--seed", str(2**70)], "seed"),  # used to be torch's 'Overflow when unpacking'
+    (["generate", "--prompt", "x", "--engine-seed", str(2**70)], "engine seed"),
+    (["generate", "--prompt", "x", "--kv-cache-memory-gb", "nan"], "kv_cache_memory_gb"),
+    (["generate", "--prompt", "x", "--device", "tpu"], "device"),  # used to be a torch traceback, exit 1
+    # checked before the run (which needs a server), not after it: the results were lost
+    (["bench", "--base-url", "http://127.0.0.1:1", "--output", "/proc/no/results.json"], "--output"),
+    (["bench", "--base-url", "http://127.0.0.1:1", "--output", "/"], "--output"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, message, capsys):
     assert main(argv) == 2
@@ -32,10 +39,37 @@ def test_user_errors_are_one_line_exit_2(argv, message, capsys):
     assert "\n" not in err and message in err and "Traceback" not in err
 
 
-def test_bad_flag_value_exits_2(capsys):
+@pytest.mark.parametrize("argv", [
+    ["generate", "--prompt", "x", "--max-num-seqs", "0"],
+    ["generate", "--prompt", "x", "--max-tokens", "ten"],
+    ["serve", "--dtype", "int8"],
+    ["bench", "--nonsense"],
+    [],
+])
+def test_bad_flag_value_exits_2_with_one_line(argv, capsys):
+    """Not argparse's usage block, which buried the error under 30 lines."""
     with pytest.raises(SystemExit) as e:
-        main(["generate", "--prompt", "x", "--max-num-seqs", "0"])
-    assert e.value.code == 2
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and "error:" in err and "--help" in err
+
+
+def test_device_cuda_without_cuda_is_a_user_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["generate", "--prompt", "x", "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_python_dash_m_tetrispec():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "tetrispec", "generate", "--prompt", "x", "--top-p", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "top_p" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_profile_writes_a_cost_model(tiny_pair, tmp_path, capsys):

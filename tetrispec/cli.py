@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 COMMANDS = ["generate", "serve", "bench", "sweep", "profile", "distill"]
 
@@ -14,8 +15,16 @@ class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr: the usage block argparse prints first
+    runs to 30 lines for the engine commands and buries the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tetrispec", description=__doc__.split("\n")[0])
+    parser = Parser(prog="tetrispec", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:

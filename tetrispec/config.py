@@ -66,7 +66,28 @@ class EngineConfig:
             )
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if self.num_kv_blocks is None and not 0 < self.kv_cache_memory_gb < float("inf"):
+            raise ValueError(f"kv_cache_memory_gb must be a positive number, got {self.kv_cache_memory_gb!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"engine seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+        self._validate_device()
         self.spec.validate()
+
+    def _validate_device(self) -> None:
+        """A bad --device would otherwise surface as a torch traceback in the middle of loading."""
+        if self.device is None:
+            return
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be cpu or cuda (cuda:N), got {self.device!r}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda (cuda:N), got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: no CUDA device is available (torch.cuda.is_available() "
+                             "is False); use --device cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
 
     @property
     def torch_dtype(self) -> torch.dtype:

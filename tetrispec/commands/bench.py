@@ -62,6 +62,25 @@ def check_dataset_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--dataset-path {args.dataset_path}: no such file")
 
 
+def check_output(path: str | None) -> None:
+    """Fail before the benchmark, not after it: an --output that cannot be written lost the run."""
+    import os
+
+    from tetrispec.cli import CLIError
+
+    if path is None:
+        return
+    out = Path(path)
+    if out.is_dir():
+        raise CLIError(f"--output {path}: is a directory; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"--output {path}: cannot create {out.parent}: {e.strerror}") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise CLIError(f"--output {path}: not writable")
+
+
 def load_tokenizer(path: str | None) -> Any:
     """The tokenizer of a model path (HF directory or .gguf); None means the default target."""
     from tetrispec.cli import CLIError
@@ -138,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     from tetrispec.bench.client import format_table, run_benchmark, summarize
 
     check_dataset_args(args)
+    check_output(args.output)
     model = args.model or served_model(args.base_url, args.api_key)
     tokenizer = load_tokenizer(args.tokenizer)
     requests = prepare_requests(args, tokenizer)
