@@ -337,11 +337,12 @@ class AutoTetris(Selector):
         # whole context each if it never drafted for them): paid once, so spread over the steps
         # those sequences have left.
         resume = r["draft"] * self.cost.catch_up_time(batch.lag_tokens)
+        price = self.prices(B, s)  # priced once a step: keep_going and select read the same
+        draft = price.draft(B)
         for d in range(1, self.max_depth + 1):
             cumulative += self.level_means[d - 1]
             steps_left = max(batch.remaining / (1 + cumulative), 1.0)
-            time = (arrivals + resume / steps_left + r["draft"] * d * self.cost.draft_time(B, s)
-                    + r["verify"] * self.cost.target_time(B, B * (d + 1), s))
+            time = arrivals + resume / steps_left + d * draft + float(price.verify[B * d])
             best = max(best, (B + B * cumulative) / time)
         if best > plain:
             self.steps_without_draft = 0
