@@ -146,14 +146,19 @@ def chi2_pvalue(a: collections.Counter, b: collections.Counter) -> float:
     return float(torch.special.gammaincc(torch.tensor(df / 2.0), torch.tensor(stat / 2.0)))
 
 
-def test_sampling_matches_target_only_frequencies(tiny_pair):
+@pytest.mark.parametrize(("k", "e"), [(2, 1), (1, 3)])
+def test_sampling_matches_target_only_frequencies(tiny_pair, k, e):
+    """(1, 3): requests stop drafting once their deeper tokens cannot be selected (Tetris.keep_going)."""
     n = 1500
     plain = LLM(tiny_pair[0], spec_method="none", max_num_seqs=64)
-    spec = LLM(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="tetris", num_speculative_tokens=2,
-               tetris_extra_proposals=1, max_num_seqs=64)
+    spec = LLM(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="tetris", num_speculative_tokens=k,
+               tetris_extra_proposals=e, max_num_seqs=64)
     seq_a, tok_a = _second_token_counts(plain, n, seed=0)
     seq_b, tok_b = _second_token_counts(spec, n, seed=10_000)
-    assert spec.engine.stats.accepted > 0 and spec.engine.stats.verified > spec.engine.stats.accepted
+    s = spec.engine.stats
+    assert s.accepted > 0 and s.verified > s.accepted
+    if e > 1:
+        assert s.drafted < (k + e) * s.spec_request_steps, "some requests should have stopped drafting early"
     assert chi2_pvalue(tok_a, tok_b) > 1e-3
     assert chi2_pvalue(seq_a, seq_b) > 1e-3
 

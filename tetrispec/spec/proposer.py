@@ -94,6 +94,7 @@ class DraftProposer:
         drafted = [0] * B
         for j in range(depth):
             sub = [seqs[i] for i in active]
+            index = slice(None) if len(active) == B else torch.tensor(active, device=device)
             if greedy:
                 x, logprob = self.runner.forward_greedy(items, "last")  # [A], [A]
             else:
@@ -103,8 +104,7 @@ class DraftProposer:
                 logprob = self._confidence(logits, q, x, [s.params for s in sub])
                 if probs is None:
                     probs = q.new_zeros(B, depth, q.shape[1])
-                probs[active, j] = q
-            index = slice(None) if len(active) == B else torch.tensor(active, device=device)
+                probs[index, j] = q
             tokens[index, j] = x
             logprobs[index, j] = logprob.float()
             for i in active:
