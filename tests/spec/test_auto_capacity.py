@@ -334,3 +334,28 @@ def test_keep_going_stops_the_requests_whose_next_token_cannot_pay():
     batch = BatchInfo(4, 100)
     logprobs = torch.log(torch.tensor([[0.95, 0.9], [0.9, 0.95], [0.02, 0.01], [0.9, 0.0]]))
     assert sel.keep_going(batch)(logprobs) == [True, True, False, False]
+
+
+def test_typical_first_estimates_are_the_quantiles_of_past_first_drafts():
+    est = AcceptanceEstimator()
+    for _ in range(100):  # a quarter of first drafts confident, the rest hopeless
+        est.count_transitions(np.array([[0.97], [0.03], [0.03], [0.03]]))
+    typical = est.typical_first_estimates(8)
+    assert typical[:2] == pytest.approx(est.estimate(0.97, 0)) and typical[2:] == pytest.approx(est.estimate(0.03, 0))
+    assert list(typical) == sorted(typical, reverse=True)
+
+
+def test_drafting_pays_when_only_the_confident_part_of_a_level_is_verified():
+    """Verifying every first draft costs more than it brings, verifying the confident quarter pays:
+    depth() must see the second (select verifies the best C), not only the first."""
+    model = cost(per_token=0.004, fixed=0.05, draft=0.001)
+    batch = BatchInfo(8, 0.0)
+    spread, flat = AutoTetris(max_depth=2, cost=model), AutoTetris(max_depth=2, cost=model)
+    for _ in range(100):  # the same mean first estimate (~0.27): spread over rows, or the same everywhere
+        spread.estimator.count_transitions(np.array([[0.97]] * 2 + [[0.03]] * 6))
+        flat.estimator.count_transitions(np.full((8, 1), 0.27))
+    for sel in (spread, flat):
+        sel.level_means = [0.27, 0.1]
+    all_verified = (8 + 8 * 0.27) / (model.target_time(8, 16, 0.0) + model.draft_time(8, 0.0))
+    assert all_verified < 8 / model.target_time(8, 8, 0.0)  # verifying everything drafted loses to plain
+    assert spread.depth(batch) == 2 and flat.depth(batch) == 0

@@ -54,6 +54,7 @@ class AcceptanceEstimator:
         self.trials = np.zeros((positions, num_bins))
         self.accepts = np.zeros((positions, num_bins))
         self.transitions = np.zeros((num_bins, num_bins))  # [q bin at j, q bin at j + 1], drafted pairs
+        self.firsts = np.zeros(num_bins)  # q bins of first drafts (position 0), verified or not
         # reliability of the estimates as they were used (after warm-up), per estimate bin
         self.reliability_bins = reliability_bins
         self.seen = 0
@@ -132,12 +133,23 @@ class AcceptanceEstimator:
         if self.pending >= self.refit_every or self.seen <= self.warmup:
             self._refit()
 
+    def typical_first_estimates(self, batch_size: int) -> np.ndarray:
+        """Estimates of a typical batch's first drafts, before they are drafted: the quantiles of
+        past first drafts' estimates, one per request (a flat pseudo-count per q bin: before any
+        first draft was counted, every bin is as likely)."""
+        share = self.firsts + 1.0 / self.num_bins
+        values = self.table[0][::-1]  # best first (the table is isotonic in q)
+        cum = np.cumsum(share[::-1]) / share.sum()
+        index = np.searchsorted(cum, (np.arange(batch_size) + 0.5) / batch_size)
+        return values[np.minimum(index, self.num_bins - 1)]
+
     def count_transitions(self, q: np.ndarray) -> None:
         """q [B, K]: the drafts of one step (draft-side only: every drafted pair counts, verified or not;
         q = 0 marks a position that was not drafted).
         The move table is rebuilt when next read."""
+        b = self._bin(q, self.num_bins)
+        np.add.at(self.firsts, b[:, 0], 1)
         if q.shape[1] > 1:
-            b = self._bin(q, self.num_bins)
             pairs = q[:, 1:] > 0  # a request that stopped drafting has q = 0 past its last draft
             np.add.at(self.transitions, (b[:, :-1][pairs], b[:, 1:][pairs]), 1)
             self.next_bin = None
@@ -149,7 +161,8 @@ class AcceptanceEstimator:
 
     def state(self) -> dict:
         return {"num_bins": self.num_bins, "positions": self.positions, "trials": self.trials.tolist(),
-                "accepts": self.accepts.tolist(), "transitions": self.transitions.tolist()}
+                "accepts": self.accepts.tolist(), "transitions": self.transitions.tolist(),
+                "firsts": self.firsts.tolist()}
 
     def load_state(self, state: dict) -> None:
         """Take a persisted fit of the same shape (anything else, e.g. an older format, is ignored)."""
@@ -158,6 +171,8 @@ class AcceptanceEstimator:
             self.accepts = np.array(state["accepts"], dtype=np.float64)
             if "transitions" in state:
                 self.transitions = np.array(state["transitions"], dtype=np.float64)
+            if "firsts" in state:
+                self.firsts = np.array(state["firsts"], dtype=np.float64)
             self.seen = self.warmup  # a persisted fit is past its warm-up
             self._refit()
 
@@ -309,8 +324,9 @@ class AutoTetris(Selector):
 
     # --- how deep to draft -------------------------------------------------------------
     def depth(self, batch: BatchInfo) -> int:
-        """0 when even typical drafts would not pay for verification; else the full depth,
-        which keep_going trims as real draft probabilities come in.
+        """0 when even typical drafts would not pay for verification (all of them verified to some
+        depth, or the best of one level); else the full depth, which keep_going trims as real draft
+        probabilities come in.
 
         While drafting does not pay, a probe drafts now and then to refresh the per-depth
         estimates; each probe that does not turn speculation back on doubles the wait for the
@@ -339,6 +355,12 @@ class AutoTetris(Selector):
         resume = r["draft"] * self.cost.catch_up_time(batch.lag_tokens)
         price = self.prices(B, s)  # priced once a step: keep_going and select read the same
         draft = price.draft(B)
+        # One level, of which select verifies only the best: a typical batch of first drafts,
+        # priced the way select prices the real ones. (Verifying all of them, below, undersells
+        # drafting where only the confident part pays: at high batch, verified tokens are dear.)
+        steps_left = max(batch.remaining / (1 + self.level_means[0]), 1.0)
+        first = self.estimator.typical_first_estimates(B)
+        best = max(best, _best_capacity(first, B, arrivals + resume / steps_left + draft, price.verify)[1])
         for d in range(1, self.max_depth + 1):
             cumulative += self.level_means[d - 1]
             steps_left = max(batch.remaining / (1 + cumulative), 1.0)
