@@ -10,6 +10,7 @@ from tetrispec.spec.auto_capacity import (
     PROBE_BUDGET,
     AcceptanceEstimator,
     AutoTetris,
+    _best_capacity,
     best_capacity,
     reliability_table,
 )
@@ -359,3 +360,17 @@ def test_drafting_pays_when_only_the_confident_part_of_a_level_is_verified():
     all_verified = (8 + 8 * 0.27) / (model.target_time(8, 16, 0.0) + model.draft_time(8, 0.0))
     assert all_verified < 8 / model.target_time(8, 8, 0.0)  # verifying everything drafted loses to plain
     assert spread.depth(batch) == 2 and flat.depth(batch) == 0
+
+
+def test_verify_prices_follow_the_target_runners_row_padding():
+    """A forward of 10 to 15 tokens that runs its matmuls padded to 16 rows is priced as 16."""
+    sel = AutoTetris(max_depth=2)
+    plan = tuple(range(10)) + (16,) * 7
+    sel.attach_cost_model(cost(per_token=0.002), row_plan=plan)
+    price = sel.prices(8, 100.0)
+    assert price.verify[2:8] == pytest.approx([price.verify[8]] * 6)  # 10..15 tokens: as 16
+    assert price.verify[1] < price.verify[8] and price.verify[9] > price.verify[8]
+    # so a capacity is not chosen inside the gap: the whole level, or at most 9 tokens in all
+    values = np.array([0.9, 0.8, 0.7, 0.6, 0.3, 0.2, 0.1, 0.05])
+    capacity, _ = _best_capacity(values, 8, 0.0, price.verify)
+    assert capacity <= 1 or capacity == 8

@@ -126,7 +126,8 @@ class LLMEngine:
             profile = self.profile_path()
             self.selector.attach_cost_model(
                 load_or_profile(profile, self.target, self.draft, self.config.max_num_seqs, self.selector.max_depth,
-                                self.block_manager.num_blocks * self.config.block_size))
+                                self.block_manager.num_blocks * self.config.block_size),
+                self.target.row_plan)
             if isinstance(self.selector, AutoTetris):
                 self.selector.persist_to(profile.with_suffix(".calibration.json"))
 

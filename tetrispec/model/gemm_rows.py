@@ -68,6 +68,19 @@ def measure_plan(weights: list[torch.Tensor], repeats: int = 2) -> tuple[int, ..
     return tuple(plan)
 
 
+def heaviest_plan(model: nn.Module) -> tuple[int, ...] | None:
+    """The plan of the weight shape that holds the most bytes in all (a decoder's MLP projection):
+    the row count a forward's matmul time mostly follows."""
+    groups: dict[tuple, list[Linear]] = {}
+    for module in model.modules():
+        if isinstance(module, Linear) and module.row_plan is not None:
+            groups.setdefault((tuple(module.weight.shape), module.weight.dtype), []).append(module)
+    if not groups:
+        return None
+    heaviest = max(groups.values(), key=lambda ms: sum(m.weight.numel() * m.weight.element_size() for m in ms))
+    return heaviest[0].row_plan
+
+
 def plan_row_padding(model: nn.Module) -> dict[tuple, tuple[int, ...]]:
     """Give every Linear of a CPU model its plan, measuring each distinct weight shape and dtype once
     (a model shared by several runners keeps the plan it got first)."""

@@ -299,6 +299,12 @@ class AutoTetris(Selector):
             line = self._verify_lines.get(batch_size)
             if line is None:  # the profiled target time is a straight line in the mean context
                 n = batch_size + np.arange(batch_size * self.max_depth + 1, dtype=np.float64)
+                # A short forward runs its big matmuls padded to the row count the CPU runs fastest
+                # (gemm_rows): at batch 8 here, 10 to 15 tokens cost what 16 do. The profile's grid
+                # interpolates between its knots and cannot see that; priced at the padded count, a
+                # capacity that lands in such a gap is seen to cost as much as filling it.
+                if self.row_plan:
+                    n = np.array([self.row_plan[int(t)] if t < len(self.row_plan) else t for t in n])
                 at_zero = self.cost.target_time(batch_size, n, 0.0)
                 line = self._verify_lines[batch_size] = (at_zero, self.cost.target_time(batch_size, n, 1.0) - at_zero)
             verify = r["verify"] * np.maximum(line[0] + mean_len * line[1], 1e-6)

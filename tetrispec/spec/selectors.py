@@ -62,6 +62,7 @@ class Selector:
 
     name = "none"
     max_depth = 0
+    row_plan: tuple[int, ...] | None = None  # see attach_cost_model
 
     def depth(self, batch: BatchInfo) -> int:
         return 0
@@ -84,8 +85,10 @@ class Selector:
         others are verified with no drafts, i.e. decoded plainly inside the same target forward."""
         return None
 
-    def attach_cost_model(self, cost: CostModel) -> None:
+    def attach_cost_model(self, cost: CostModel, row_plan: tuple[int, ...] | None = None) -> None:
+        """cost: the step-time profile; row_plan: the target runner's (ModelRunner.row_plan)."""
         self.cost = cost
+        self.row_plan = row_plan
 
 
 class FixedK(Selector):
