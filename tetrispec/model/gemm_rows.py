@@ -68,13 +68,19 @@ def measure_plan(weights: list[torch.Tensor], repeats: int = 2) -> tuple[int, ..
     return tuple(plan)
 
 
+def _by_shape(model: nn.Module, keep) -> dict[tuple, list[Linear]]:
+    """The model's Linears for which keep(module) holds, grouped by weight shape and dtype."""
+    groups: dict[tuple, list[Linear]] = {}
+    for module in model.modules():
+        if isinstance(module, Linear) and keep(module):
+            groups.setdefault((tuple(module.weight.shape), module.weight.dtype), []).append(module)
+    return groups
+
+
 def heaviest_plan(model: nn.Module) -> tuple[int, ...] | None:
     """The plan of the weight shape that holds the most bytes in all (a decoder's MLP projection):
     the row count a forward's matmul time mostly follows."""
-    groups: dict[tuple, list[Linear]] = {}
-    for module in model.modules():
-        if isinstance(module, Linear) and module.row_plan is not None:
-            groups.setdefault((tuple(module.weight.shape), module.weight.dtype), []).append(module)
+    groups = _by_shape(model, lambda m: m.row_plan is not None)
     if not groups:
         return None
     heaviest = max(groups.values(), key=lambda ms: sum(m.weight.numel() * m.weight.element_size() for m in ms))
@@ -84,10 +90,7 @@ def heaviest_plan(model: nn.Module) -> tuple[int, ...] | None:
 def plan_row_padding(model: nn.Module) -> dict[tuple, tuple[int, ...]]:
     """Give every Linear of a CPU model its plan, measuring each distinct weight shape and dtype once
     (a model shared by several runners keeps the plan it got first)."""
-    groups: dict[tuple, list[Linear]] = {}
-    for module in model.modules():
-        if isinstance(module, Linear) and module.weight.device.type == "cpu" and module.row_plan is None:
-            groups.setdefault((tuple(module.weight.shape), module.weight.dtype), []).append(module)
+    groups = _by_shape(model, lambda m: m.weight.device.type == "cpu" and m.row_plan is None)
     plans = {}
     for key, modules in groups.items():
         plans[key] = measure_plan([m.weight.detach() for m in modules])

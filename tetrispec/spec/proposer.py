@@ -99,9 +99,10 @@ class DraftProposer:
                 x, logprob = self.runner.forward_greedy(items, "last")  # [A], [A]
             else:
                 logits = self.runner.forward(items, "last")  # [A, V]
-                q = logits_to_probs(logits, [s.params for s in sub])
+                params = [s.params for s in sub]
+                q = logits_to_probs(logits, params)
                 x = sample(q, draw_uniforms(sub, 1, self.generator, q.device).squeeze(1))  # [A]
-                logprob = self._confidence(logits, q, x, [s.params for s in sub])
+                logprob = self._confidence(logits, q, x, params)
                 if probs is None:
                     probs = q.new_zeros(B, depth, q.shape[1])
                 probs[index, j] = q
