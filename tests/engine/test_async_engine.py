@@ -97,11 +97,21 @@ def test_leaving_a_stream_aborts_and_frees_blocks(aengine):
 
 def test_cancelled_task_aborts(aengine):
     async def main():
-        task = asyncio.ensure_future(collect(aengine, "Paris", LONG))
-        await asyncio.sleep(0.2)
+        started = asyncio.Event()
+        deltas = []
+
+        async def consume():
+            stream = await aengine.add_request("Paris", LONG)
+            async for delta in stream:
+                deltas.append(delta)
+                started.set()
+
+        task = asyncio.ensure_future(consume())
+        await started.wait()  # cancelled mid-generation (a fixed sleep can outlast 400 tokens on a fast host)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        assert not deltas[-1].finished
 
     asyncio.run(main())
     wait_until(lambda: not aengine.engine.has_unfinished())

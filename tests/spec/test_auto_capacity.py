@@ -213,14 +213,20 @@ def test_stale_speculation_prices_drift_back_while_drafting_is_paused():
 def test_each_batch_size_range_keeps_its_own_step_times():
     model = cost(per_token=0.002, fixed=0.05, draft=0.006)
     sel = AutoTetris(max_depth=2, cost=model, probe_every=10**6)
-    plain_t, verify_t = model.target_time(8, 8, 100.0), model.target_time(8, 16, 100.0)
-    draft_t = model.draft_time(8, 100.0)
-    for _ in range(100):  # at batch 8 speculation runs three times slower than profiled
-        sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
-        sel.observe_step(StepRecord(8, 16, 1, 100.0, 3 * (verify_t + draft_t), 3 * draft_t))
+    assert sel.clock(16).ratio == {"plain": 1.0, "draft": 1.0, "verify": 1.0}  # nothing timed: the profile
+    for B in (8, 16):
+        plain_t, verify_t = model.target_time(B, B, 100.0), model.target_time(B, 2 * B, 100.0)
+        draft_t = model.draft_time(B, 100.0)
+        slow = 3 if B == 8 else 1  # at batch 8 speculation runs three times slower than profiled
+        for _ in range(100):
+            sel.observe_step(StepRecord(B, B, 0, 100.0, plain_t))
+            sel.observe_step(StepRecord(B, 2 * B, 1, 100.0, slow * (verify_t + draft_t), slow * draft_t))
     assert sel.depth(BatchInfo(8, 100)) == 0 and sel.depth(BatchInfo(5, 100)) == 0  # 5..8: one range
-    assert sel.depth(BatchInfo(9, 100)) == 2 and sel.depth(BatchInfo(4, 100)) == 2  # others: the profile
-    assert sel.clock(16).ratio == {"plain": 1.0, "draft": 1.0, "verify": 1.0}
+    assert sel.depth(BatchInfo(16, 100)) == 2 and sel.depth(BatchInfo(9, 100)) == 2  # 9..16: its own
+    # a range not timed yet starts from the nearest one timed (ties: the smaller)
+    assert sel.clock(4).ratio == pytest.approx(sel.clock(8).ratio) and sel.depth(BatchInfo(4, 100)) == 0
+    assert sel.clock(32).ratio == pytest.approx(sel.clock(16).ratio) and sel.depth(BatchInfo(32, 100)) == 2
+    assert sel.clock(32).counts == {}
 
 
 def test_long_speculative_runs_let_a_stale_plain_price_drift():
@@ -374,3 +380,67 @@ def test_verify_prices_follow_the_target_runners_row_padding():
     values = np.array([0.9, 0.8, 0.7, 0.6, 0.3, 0.2, 0.1, 0.05])
     capacity, _ = _best_capacity(values, 8, 0.0, price.verify)
     assert capacity <= 1 or capacity == 8
+
+
+def test_a_fresh_range_learns_its_step_times_in_a_few_steps():
+    model = cost(per_token=0.002, fixed=0.05, draft=0.006)
+    sel = AutoTetris(max_depth=2, cost=model)
+    verify_t, draft_t = model.target_time(8, 16, 100.0), model.draft_time(8, 100.0)
+    for _ in range(9):  # the machine runs speculative steps 20% faster than profiled
+        sel.observe_step(StepRecord(8, 16, 1, 100.0, 0.8 * (verify_t + draft_t), 0.8 * draft_t))
+    # the prior counts as one measurement, then a mean: (1 + 9 * 0.8) / 10 (an EMA of 0.05 would be at 0.87)
+    assert sel.clock(8).ratio["verify"] == pytest.approx(0.82, abs=0.005)
+    assert sel.clock(8).ratio["plain"] == sel.clock(8).ratio["verify"]  # not timed yet: follows the measured
+
+
+def _near_tie(plain_ratio: float, drafting_first: bool) -> list[int]:
+    """Depths chosen at batch 8 where the profile puts drafting a few percent ahead of plain decoding
+    (or behind, drafting_first=False), when plain steps run at plain_ratio x the profile and speculative
+    steps as profiled; each step's record follows the depth chosen."""
+    model = cost(per_token=0.004, fixed=0.05, draft=0.008 if drafting_first else 0.016)
+    sel = AutoTetris(max_depth=2, cost=model, probe_every=10**6)  # no probes: only exploration times both
+    batch = BatchInfo(8, 100)
+    plain_t, verify_t = model.target_time(8, 8, 100.0), model.target_time(8, 16, 100.0)
+    draft_t = model.draft_time(8, 100.0)
+    depths = []
+    for _ in range(30):
+        depths.append(sel.depth(batch))
+        if depths[-1]:
+            sel.observe_step(StepRecord(8, 16, 1, 100.0, verify_t + draft_t, draft_t))
+        else:
+            sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_ratio * plain_t))
+    return depths
+
+
+def test_near_a_tie_the_kind_of_step_not_yet_timed_is_tried():
+    # drafting ahead by the profile: after 8 speculative steps, plain steps are timed 4 times
+    assert _near_tie(1.0, True) == [2] * 8 + [0] * 4 + [2] * 18  # as profiled: drafting stays ahead
+    assert _near_tie(0.85, True) == [2] * 8 + [0] * 22  # plain decoding runs faster here than profiled
+    # plain ahead by the profile: drafting is left to probes (a few drafting steps would pay every
+    # running prompt's catch-up), which this selector never makes
+    assert _near_tie(1.0, False) == [0] * 30
+
+
+def test_far_from_a_tie_nothing_is_explored():
+    model = cost(per_token=0.002, fixed=0.05, draft=0.001)  # drafting far ahead
+    sel = AutoTetris(max_depth=2, cost=model, probe_every=10**6)
+    verify_t, draft_t = model.target_time(8, 16, 100.0), model.draft_time(8, 100.0)
+    depths = []
+    for _ in range(20):
+        depths.append(sel.depth(BatchInfo(8, 100)))
+        sel.observe_step(StepRecord(8, 16, 1, 100.0, verify_t + draft_t, draft_t))
+    assert depths == [2] * 20
+
+
+def test_a_fresh_range_keeps_the_relative_costs_it_started_from():
+    model = cost(per_token=0.002, fixed=0.05, draft=0.006)
+    sel = AutoTetris(max_depth=2, cost=model)
+    plain_t, verify_t = model.target_time(8, 8, 100.0), model.target_time(8, 16, 100.0)
+    draft_t = model.draft_time(8, 100.0)
+    for _ in range(200):  # at batch 8 plain steps as profiled, speculative ones twice as slow
+        sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
+        sel.observe_step(StepRecord(8, 16, 1, 100.0, 2 * (verify_t + draft_t), 2 * draft_t))
+    # batch 16, first step, a plain one at 1.5x the profile: the mean with the inherited 1.0 is 1.25, and
+    # drafting and verification (not timed here yet) move by the same factor, 2.0 -> 2.5
+    sel.observe_step(StepRecord(16, 16, 0, 100.0, 1.5 * model.target_time(16, 16, 100.0)))
+    assert sel.clock(16).ratio == pytest.approx({"plain": 1.25, "draft": 2.5, "verify": 2.5}, rel=0.01)

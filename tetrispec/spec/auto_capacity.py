@@ -83,6 +83,7 @@ class AcceptanceEstimator:
         self.table = np.array([fit(t, a, pooled) for t, a in zip(self.trials, self.accepts)])  # [P, bins]
         self.pending = 0  # outcomes not yet in the fit
         self.next_bin = None  # the move table, rebuilt when next read (_refit_moves)
+        self.typical: dict[int, np.ndarray] = {}  # typical_first_estimates per batch size, until the next change
 
     def _refit_moves(self) -> None:
         # next q bin given this one: the counts plus one pseudo-count spread evenly (an unseen bin is agnostic)
@@ -137,11 +138,14 @@ class AcceptanceEstimator:
         """Estimates of a typical batch's first drafts, before they are drafted: the quantiles of
         past first drafts' estimates, one per request (a flat pseudo-count per q bin: before any
         first draft was counted, every bin is as likely)."""
+        if batch_size in self.typical:  # read every step, changed only when outcomes are learned
+            return self.typical[batch_size]
         share = self.firsts + 1.0 / self.num_bins
         values = self.table[0][::-1]  # best first (the table is isotonic in q)
         cum = np.cumsum(share[::-1]) / share.sum()
         index = np.searchsorted(cum, (np.arange(batch_size) + 0.5) / batch_size)
-        return values[np.minimum(index, self.num_bins - 1)]
+        self.typical[batch_size] = values[np.minimum(index, self.num_bins - 1)]
+        return self.typical[batch_size]
 
     def count_transitions(self, q: np.ndarray) -> None:
         """q [B, K]: the drafts of one step (draft-side only: every drafted pair counts, verified or not;
@@ -149,6 +153,7 @@ class AcceptanceEstimator:
         The move table is rebuilt when next read."""
         b = self._bin(q, self.num_bins)
         np.add.at(self.firsts, b[:, 0], 1)
+        self.typical = {}
         if q.shape[1] > 1:
             pairs = q[:, 1:] > 0  # a request that stopped drafting has q = 0 past its last draft
             np.add.at(self.transitions, (b[:, :-1][pairs], b[:, 1:][pairs]), 1)
@@ -211,17 +216,19 @@ def _array(x) -> np.ndarray:
 class StepClock:
     """How real steps compare with the profile at one range of batch sizes (1, 2, 3-4, 5-8, ...).
 
-    ratio: measured / profiled time (EMA) of plain steps, of drafting, and of the rest of a
-    speculative step. A range has its own because the profile's error depends on the batch
-    size: ratios learned at batch 1 must not price steps at batch 32. entering: prompt tokens
-    entering decoding per step (EMA), which a draft that speculates every step has to read.
+    ratio: measured / profiled time of plain steps, of drafting, and of the rest of a
+    speculative step: the mean of the first measurements, then an EMA (a fresh range must not
+    spend tens of steps walking away from 1.0). A range has its own because the profile's error
+    depends on the batch size: ratios learned at batch 1 must not price steps at batch 32.
+    entering: prompt tokens entering decoding per step (EMA), which a draft that speculates
+    every step has to read.
     """
 
     ratio: dict[str, float] = field(default_factory=lambda: {"plain": 1.0, "draft": 1.0, "verify": 1.0})
     entering: float = 0.0
     plain_run: int = 0  # consecutive plain steps observed
     spec_run: int = 0  # consecutive speculative steps observed
-    measured: set[str] = field(default_factory=set)  # kinds of step seen in this range
+    counts: dict[str, int] = field(default_factory=dict)  # measurements of each kind of step in this range
 
 
 def best_capacity(values, batch_size: int, fixed_time: float, cost: CostModel, mean_len: float,
@@ -262,6 +269,9 @@ class StepPrices:
         return self.draft_ratio * self.cost.draft_time(rows, self.mean_len)
 
 
+EXPLORE_MARGIN = 0.1  # plain steps predicted within this of drafting are timed before they are ruled out
+EXPLORE_STEPS = 4  # ... for this many steps, once speculative steps have been timed EXPLORE_AFTER times
+EXPLORE_AFTER = 8
 PROBE_BUDGET = 0.03  # probes may cost at most this fraction of the plain decoding time between them
 PROBE_ROWS = 4  # a probe drafts for this many sequences, those the draft has read the most of
 LEARN_EVERY = 8  # speculative steps whose outcomes are learned from in one go (observe)
@@ -312,8 +322,18 @@ class AutoTetris(Selector):
         return self._prices
 
     def clock(self, batch_size: int) -> StepClock:
-        """The StepClock of this batch size's range (powers of two)."""
-        return self.clocks.setdefault((max(int(batch_size), 1) - 1).bit_length(), StepClock())
+        """The StepClock of this batch size's range (powers of two). A range seen for the first time
+        starts from the ratios of the nearest range timed so far: how loaded the host is now is
+        shared by every batch size, and a fresh range's first steps (a run's tail, as requests
+        finish) would otherwise be priced as if the host ran exactly as profiled."""
+        key = (max(int(batch_size), 1) - 1).bit_length()
+        clock = self.clocks.get(key)
+        if clock is None:
+            clock = self.clocks[key] = StepClock()
+            timed = [k for k, c in self.clocks.items() if c.counts]
+            if timed:
+                clock.ratio = dict(self.clocks[min(timed, key=lambda k: (abs(k - key), k))].ratio)
+        return clock
 
     def persist_to(self, path: Path) -> None:
         """Keep the calibration (and the typical acceptance per depth) beside the cost profile:
@@ -372,6 +392,14 @@ class AutoTetris(Selector):
             steps_left = max(batch.remaining / (1 + cumulative), 1.0)
             time = arrivals + resume / steps_left + d * draft + float(price.verify[B * d])
             best = max(best, (B + B * cumulative) / time)
+        # Whether plain or speculative steps run faster relative to the profile depends on the host's
+        # load (a busy host slows memory-bound plain steps more), so near a tie plain steps are timed
+        # on this machine, in this range, before they are ruled out. (The other way round, probes
+        # time drafting: a few full drafting steps would pay every running prompt's catch-up.)
+        counts = clock.counts
+        if (best > plain and counts.get("verify", 0) >= EXPLORE_AFTER and counts.get("plain", 0) < EXPLORE_STEPS
+                and plain >= (1 - EXPLORE_MARGIN) * best):
+            return 0
         if best > plain:
             self.steps_without_draft = 0
             self.plain_seconds = 0.0
@@ -401,11 +429,12 @@ class AutoTetris(Selector):
         speculative step. The profile times bare forwards; a speculative step also pays for selection,
         verification bookkeeping and rollback, and the machine may have drifted since profiling. All
         three are measured in the same run, so drift common to them cancels in the comparison. Until
-        a kind of step has run in this batch-size range, its ratio follows the measured one: the
-        profile's relative costs at the machine's current speed, not the profile's absolute ones
-        (which made a fresh range's speculative steps look cheap next to plain steps measured on a
-        slower machine). A separate draft catch-up (the draft reading a prompt, or the tokens of a
-        pause in drafting) is left out here: depth() prices it from the profile's per-token cost.
+        a kind of step has run in this batch-size range, its ratio moves as the measured one does:
+        the relative costs it started from (the profile's, or the nearest range's) at the machine's
+        current speed, not the profile's absolute ones (which made a fresh range's speculative
+        steps look cheap next to plain steps measured on a slower machine). A separate draft
+        catch-up (the draft reading a prompt, or the tokens of a pause in drafting) is left out
+        here: depth() prices it from the profile's per-token cost.
         """
         if self.cost is None:
             return
@@ -428,13 +457,16 @@ class AutoTetris(Selector):
             parts = [("draft", record.draft_seconds, record.depth * self.cost.draft_time(record.draft_rows or B, s)),
                      ("verify", record.seconds - record.draft_seconds - record.catch_up_seconds,
                       self.cost.target_time(B, record.tokens, s))]
+        source = "plain" if record.depth == 0 else "verify"
+        before = r[source]
         for kind, measured, predicted in parts:
             ratio = min(max(measured / predicted, 0.25), 8.0)  # one outlier (a GC pause) moves it little
-            r[kind] = 0.95 * r[kind] + 0.05 * ratio
-            clock.measured.add(kind)
-        source = "plain" if record.depth == 0 else "verify"
-        for kind in r.keys() - clock.measured:
-            r[kind] = r[source]
+            n = clock.counts.get(kind, 0)
+            weight = max(0.05, 1.0 / (n + 2))  # the prior (1.0, or the measured kind's ratio) counts as one
+            r[kind] = (1 - weight) * r[kind] + weight * ratio
+            clock.counts[kind] = n + 1
+        for kind in r.keys() - clock.counts.keys():  # not timed here yet: moves as the timed kind did
+            r[kind] *= r[source] / before
 
     def _running_estimates(self, logprobs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Draft probabilities q [B, j] and the running products of their estimates along each draft:
