@@ -8,6 +8,7 @@ import torch
 
 from tetrispec.spec.auto_capacity import (
     PROBE_BUDGET,
+    REUSE_STEPS,
     AcceptanceEstimator,
     AutoTetris,
     _best_capacity,
@@ -250,11 +251,14 @@ def test_prompts_entering_decoding_are_charged_to_speculation():
     model = CostModel.linear(0.05, 0.002, draft_fixed=0.004, draft_prefill=1.5e-4)
     sel = AutoTetris(max_depth=2, cost=model, probe_every=10**6)
     assert sel.depth(BatchInfo(8, 100, entering_tokens=0)) == 2  # no arrivals: drafting pays
+    plain = StepRecord(8, 8, 0, 100.0, model.target_time(8, 8, 100.0))
     for _ in range(60):  # a 300-token prompt enters every step: 45 ms of draft reading per step
         depth = sel.depth(BatchInfo(8, 100, entering_tokens=300))
+        sel.observe_step(plain)
     assert depth == 0 and sel.clock(8).entering == pytest.approx(300, rel=0.01)
     for _ in range(60):  # arrivals stop: drafting resumes
         depth = sel.depth(BatchInfo(8, 100, entering_tokens=0))
+        sel.observe_step(plain)
     assert depth == 2
 
 
@@ -444,3 +448,29 @@ def test_a_fresh_range_keeps_the_relative_costs_it_started_from():
     # drafting and verification (not timed here yet) move by the same factor, 2.0 -> 2.5
     sel.observe_step(StepRecord(16, 16, 0, 100.0, 1.5 * model.target_time(16, 16, 100.0)))
     assert sel.clock(16).ratio == pytest.approx({"plain": 1.25, "draft": 2.5, "verify": 2.5}, rel=0.01)
+
+
+def test_a_clear_plain_verdict_stands_for_a_few_steps():
+    never = CostModel.linear(0.001, 0.01, draft_fixed=0.004)  # drafting never pays
+    pays = cost(per_token=0.002, fixed=0.05, draft=0.001)  # drafting pays by far
+    plain_t = never.target_time(8, 8, 100.0)
+
+    def depths(batches: list[BatchInfo]) -> list[int]:
+        """Priced with `never`, then with `pays`: the steps a verdict still stands for decode plainly."""
+        sel = AutoTetris(max_depth=2, cost=never, probe_every=10**6)
+        assert sel.depth(batches[0]) == 0
+        sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
+        sel.cost = pays
+        out = []
+        for b in batches[1:]:
+            out.append(sel.depth(b))
+            sel.observe_step(StepRecord(b.batch_size, b.batch_size, out[-1], 100.0, plain_t))
+        return out
+
+    lagging = [BatchInfo(8, 100, lag_tokens=8 * i, remaining=40 - i) for i in range(12)]
+    assert depths(lagging) == [0] * (REUSE_STEPS - 1) + [2] * (12 - REUSE_STEPS)  # re-priced after 8 steps
+    assert depths([BatchInfo(8, 100), BatchInfo(9, 100)]) == [2]  # another batch size: priced afresh
+    # the draft's lag shrank (a request with nothing to catch up on replaced one): priced afresh
+    assert depths([BatchInfo(8, 100, lag_tokens=800), BatchInfo(8, 100, lag_tokens=100)]) == [2]
+    # more output left (a new request): priced afresh
+    assert depths([BatchInfo(8, 100, remaining=10), BatchInfo(8, 100, remaining=50)]) == [2]

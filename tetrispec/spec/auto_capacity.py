@@ -251,6 +251,27 @@ def _best_capacity(values, batch_size: int, fixed_time: float, verify: np.ndarra
     return best, float(rates[best])
 
 
+REUSE_MARGIN = 0.02  # a plain verdict this clear (drafting predicted this much slower) ...
+REUSE_STEPS = 8  # ... stands for this many more steps at the same batch size without being re-priced
+
+
+@dataclass
+class PlainVerdict:
+    """A clear decision to decode plainly, kept for a few steps: re-pricing it every step cost auto
+    about 0.6% of plain decoding's time at batch 1, and the inputs move little between steps."""
+
+    batch_size: int
+    lag_tokens: int  # the draft's lag and the output left when it was priced: while the lag only
+    remaining: float  # grows and the output left only shrinks, drafting only gets dearer
+    plain_time: float  # predicted time of one plain step (counted toward the next probe)
+    probe_cost: float  # what the next probe is priced at (a due probe ends the verdict)
+    steps: int = REUSE_STEPS  # further steps it stands for (counted by observe_step)
+
+    def holds(self, batch: BatchInfo) -> bool:
+        return (self.steps > 0 and batch.batch_size == self.batch_size and batch.lag_tokens >= self.lag_tokens
+                and batch.remaining <= self.remaining)
+
+
 @dataclass
 class StepPrices:
     """One step's predicted times, corrected by its batch-size range's clock. Computed once a step
@@ -298,6 +319,7 @@ class AutoTetris(Selector):
         self._verify_lines: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per batch size (prices)
         self._lines_cost: CostModel | None = None  # the cost model they came from
         self.queued: list[tuple] = []  # outcomes not yet learned from (observe)
+        self.verdict: PlainVerdict | None = None
 
     def prices(self, batch_size: int, mean_len: float) -> StepPrices:
         """This step's StepPrices (the clock only moves between steps, so the key changes every step)."""
@@ -361,15 +383,25 @@ class AutoTetris(Selector):
         the least for the draft to catch up on (draft_rows): the per-depth means need a sample,
         and catching up on every running context is what made probes expensive (at 32 requests,
         reading 6,000 tokens of prompts cost 2% of a whole run).
+
+        A clear plain verdict (drafting predicted at least REUSE_MARGIN slower) stands for the next
+        REUSE_STEPS steps at the same batch size while nothing moves in drafting's favour, unless a
+        probe falls due (PlainVerdict).
         """
         self.probe_rows = None
         B, s = batch.batch_size, batch.mean_len
         clock = self.clock(B)
         clock.entering = 0.9 * clock.entering + 0.1 * batch.entering_tokens
+        verdict, self.verdict = self.verdict, None
+        if verdict and verdict.holds(batch) and not self._probe_due(verdict.probe_cost):
+            self.verdict = verdict
+            self.steps_without_draft += 1
+            self.plain_seconds += verdict.plain_time
+            return 0
         r = clock.ratio
         plain_time = r["plain"] * self.cost.target_time(B, B, s)
         plain = B / plain_time
-        best = plain
+        drafting = 0.0  # the best rate of any way to draft
         cumulative = 0.0
         # Speculating every step also means the draft reads every prompt that enters decoding: a
         # cost per step that plain decoding never pays (at high concurrency and short outputs it
@@ -386,21 +418,21 @@ class AutoTetris(Selector):
         # drafting where only the confident part pays: at high batch, verified tokens are dear.)
         steps_left = max(batch.remaining / (1 + self.level_means[0]), 1.0)
         first = self.estimator.typical_first_estimates(B)
-        best = max(best, _best_capacity(first, B, arrivals + resume / steps_left + draft, price.verify)[1])
+        drafting = max(drafting, _best_capacity(first, B, arrivals + resume / steps_left + draft, price.verify)[1])
         for d in range(1, self.max_depth + 1):
             cumulative += self.level_means[d - 1]
             steps_left = max(batch.remaining / (1 + cumulative), 1.0)
             time = arrivals + resume / steps_left + d * draft + float(price.verify[B * d])
-            best = max(best, (B + B * cumulative) / time)
+            drafting = max(drafting, (B + B * cumulative) / time)
         # Whether plain or speculative steps run faster relative to the profile depends on the host's
         # load (a busy host slows memory-bound plain steps more), so near a tie plain steps are timed
         # on this machine, in this range, before they are ruled out. (The other way round, probes
         # time drafting: a few full drafting steps would pay every running prompt's catch-up.)
         counts = clock.counts
-        if (best > plain and counts.get("verify", 0) >= EXPLORE_AFTER and counts.get("plain", 0) < EXPLORE_STEPS
-                and plain >= (1 - EXPLORE_MARGIN) * best):
+        if (drafting > plain and counts.get("verify", 0) >= EXPLORE_AFTER and counts.get("plain", 0) < EXPLORE_STEPS
+                and plain >= (1 - EXPLORE_MARGIN) * drafting):
             return 0
-        if best > plain:
+        if drafting > plain:
             self.steps_without_draft = 0
             self.plain_seconds = 0.0
             self.probe_interval = self.probe_every
@@ -411,7 +443,7 @@ class AutoTetris(Selector):
         rows = sorted(range(B), key=lags.__getitem__)[:PROBE_ROWS]
         probe_cost = r["draft"] * (self.cost.catch_up_time(sum(lags[i] for i in rows))
                                    + self.max_depth * self.cost.draft_time(len(rows), s))
-        if self.steps_without_draft >= self.probe_interval and self.plain_seconds * PROBE_BUDGET >= probe_cost:
+        if self._probe_due(probe_cost):
             self.steps_without_draft = 0
             self.plain_seconds = 0.0
             self.probe_interval = min(2 * self.probe_interval, 16 * self.probe_every)
@@ -419,7 +451,12 @@ class AutoTetris(Selector):
             return self.max_depth
         self.steps_without_draft += 1
         self.plain_seconds += plain_time
+        if drafting < (1 - REUSE_MARGIN) * plain:
+            self.verdict = PlainVerdict(B, batch.lag_tokens, batch.remaining, plain_time, probe_cost)
         return 0
+
+    def _probe_due(self, probe_cost: float) -> bool:
+        return self.steps_without_draft >= self.probe_interval and self.plain_seconds * PROBE_BUDGET >= probe_cost
 
     def draft_rows(self, batch: BatchInfo) -> list[int] | None:
         return self.probe_rows
@@ -438,6 +475,8 @@ class AutoTetris(Selector):
         """
         if self.cost is None:
             return
+        if self.verdict:
+            self.verdict.steps -= 1
         B, s = record.batch_size, record.mean_len
         clock = self.clock(B)
         r = clock.ratio
