@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tetrispec.model.gemm_rows import MAX_ROWS, Linear, measure_plan, plan_row_padding, same_cost_rows
+from tetrispec.model.gemm_rows import MAX_ROWS, Linear, measure_plan, plan_row_padding
 
 
 def test_padded_rows_give_the_same_result():
@@ -28,17 +28,8 @@ def test_training_is_never_padded():
 
 
 def test_plans_pad_only_upward_and_are_shared_per_shape():
-    plan, price = measure_plan([torch.randn(64, 32), torch.randn(64, 32)])
+    plan = measure_plan([torch.randn(64, 32), torch.randn(64, 32)])
     assert len(plan) == MAX_ROWS + 1 and all(m <= p <= MAX_ROWS for m, p in enumerate(plan))
-    assert len(price) == MAX_ROWS + 1 and all(m <= p <= MAX_ROWS for m, p in enumerate(price))
     model = torch.nn.Sequential(Linear(32, 64), Linear(32, 64), Linear(64, 32))
     plans = plan_row_padding(model)
     assert len(plans) == 2 and model[0].row_plan is model[1].row_plan
-
-
-def test_rows_run_in_blocks_are_priced_at_the_block_end():
-    """A BLAS that runs rows in blocks of 8: 9 to 16 rows take what 16 do, so they are priced as 16."""
-    times = [0.0] + [1.0 + 0.2 * ((m - 1) // 8) + 0.001 * m for m in range(1, 17)]
-    assert same_cost_rows(times) == (0,) + (8,) * 8 + (16,) * 8
-    rising = [0.0] + [float(m) for m in range(1, 17)]  # time proportional to rows: each count as it is
-    assert same_cost_rows(rising) == tuple(range(17))

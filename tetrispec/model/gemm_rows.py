@@ -24,14 +24,12 @@ from torch import nn
 MAX_ROWS = 16  # row counts above this run as they are
 MIN_SAVING = 0.1  # pad only when the streamed pass is at least this much faster ...
 MIN_SECONDS = 5e-4  # ... and by at least this much per forward (smaller gaps between counts are timing noise)
-SAME_COST = 0.05  # row counts within this of each other's (padded) time cost the same, for pricing
 
 
 class Linear(nn.Linear):
     """nn.Linear that runs a short batch padded to the row count its plan says is fastest."""
 
     row_plan: tuple[int, ...] | None = None  # row_plan[m]: rows to run m rows at (m < len(row_plan))
-    price_plan: tuple[int, ...] | None = None  # price_plan[m]: the most rows that cost what m rows do
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.row_plan
@@ -44,15 +42,10 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def measure_plan(weights: list[torch.Tensor], repeats: int = 2) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(plan, price): plan[m] for m = 0..MAX_ROWS is the cheapest row count >= m, where it beats m by
-    MIN_SAVING and MIN_SECONDS; price[m] the most rows (up to MAX_ROWS) whose time, as planned, is
-    within SAME_COST of m's. weights: every weight of one shape and dtype in the model, timed as a
-    forward meets them (one pass over all of them).
-
-    The price is for cost models whose grid interpolates between row counts far apart: this BLAS runs
-    rows in blocks (here 9 to 16 rows of the MLP projection take what 16 do, and 8 take 12% less),
-    so at batch 8 one extra verified token costs about what 8 do."""
+def measure_plan(weights: list[torch.Tensor], repeats: int = 2) -> tuple[int, ...]:
+    """plan[m] for m = 0..MAX_ROWS: the cheapest row count >= m, where it beats m by MIN_SAVING and
+    MIN_SECONDS. weights: every weight of one shape and dtype in the model, timed as a forward meets
+    them (one pass over all of them)."""
     x = torch.randn(MAX_ROWS, weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
     times = [float("inf")] * (MAX_ROWS + 1)
     with torch.inference_mode():
@@ -72,15 +65,7 @@ def measure_plan(weights: list[torch.Tensor], repeats: int = 2) -> tuple[tuple[i
         best = min(range(m, MAX_ROWS + 1), key=times.__getitem__)
         saved = times[m] - times[best]
         plan.append(best if saved > MIN_SAVING * times[m] and saved / passes > MIN_SECONDS else m)
-    return tuple(plan), same_cost_rows([times[p] for p in plan])
-
-
-def same_cost_rows(times: list[float]) -> tuple[int, ...]:
-    """times[m]: what m rows take (m = 0..n) -> for each m, the most rows whose time is within
-    SAME_COST of m's (at least m)."""
-    n = len(times) - 1
-    return (0,) + tuple(max(k for k in range(m, n + 1) if times[k] <= (1 + SAME_COST) * times[m])
-                        for m in range(1, n + 1))
+    return tuple(plan)
 
 
 def _by_shape(model: nn.Module, keep) -> dict[tuple, list[Linear]]:
@@ -92,14 +77,14 @@ def _by_shape(model: nn.Module, keep) -> dict[tuple, list[Linear]]:
     return groups
 
 
-def heaviest_price_plan(model: nn.Module) -> tuple[int, ...] | None:
-    """The price plan of the weight shape that holds the most bytes in all (a decoder's MLP
-    projection): the row count a forward's matmul time mostly follows."""
-    groups = _by_shape(model, lambda m: m.price_plan is not None)
+def heaviest_plan(model: nn.Module) -> tuple[int, ...] | None:
+    """The plan of the weight shape that holds the most bytes in all (a decoder's MLP projection):
+    the row count a forward's matmul time mostly follows."""
+    groups = _by_shape(model, lambda m: m.row_plan is not None)
     if not groups:
         return None
     heaviest = max(groups.values(), key=lambda ms: sum(m.weight.numel() * m.weight.element_size() for m in ms))
-    return heaviest[0].price_plan
+    return heaviest[0].row_plan
 
 
 def plan_row_padding(model: nn.Module) -> dict[tuple, tuple[int, ...]]:
@@ -108,7 +93,7 @@ def plan_row_padding(model: nn.Module) -> dict[tuple, tuple[int, ...]]:
     groups = _by_shape(model, lambda m: m.weight.device.type == "cpu" and m.row_plan is None)
     plans = {}
     for key, modules in groups.items():
-        plans[key], price = measure_plan([m.weight.detach() for m in modules])
+        plans[key] = measure_plan([m.weight.detach() for m in modules])
         for m in modules:
-            m.row_plan, m.price_plan = plans[key], price
+            m.row_plan = plans[key]
     return plans

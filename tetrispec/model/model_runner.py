@@ -8,7 +8,7 @@ import torch
 
 from tetrispec.model.attention import AttentionMetadata
 from tetrispec.model.cpu_kernel import cpu_ops
-from tetrispec.model.gemm_rows import heaviest_price_plan, plan_row_padding
+from tetrispec.model.gemm_rows import heaviest_plan, plan_row_padding
 from tetrispec.model.llama import LlamaForCausalLM
 
 
@@ -37,8 +37,8 @@ class ModelRunner:
         self.use_kernel = device.type == "cpu" and cpu_ops() is not None
         if device.type == "cpu":  # short matmuls at the row counts this CPU's BLAS runs fastest
             plan_row_padding(model)
-        # row_plan[n]: the most tokens that cost what a forward of n tokens does (n < len; None: as is)
-        self.row_plan = heaviest_price_plan(model)
+        # row_plan[n]: the rows a forward of n tokens (n < len) mostly runs its matmuls at (None: as is)
+        self.row_plan = heaviest_plan(model)
         self.workspace = (torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device))
 
     @staticmethod
