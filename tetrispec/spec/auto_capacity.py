@@ -392,16 +392,15 @@ class AutoTetris(Selector):
         B, s = batch.batch_size, batch.mean_len
         clock = self.clock(B)
         clock.entering = 0.9 * clock.entering + 0.1 * batch.entering_tokens
-        verdict, self.verdict = self.verdict, None
+        verdict = self.verdict
         if verdict and verdict.holds(batch) and not self._probe_due(verdict.probe_cost):
-            self.verdict = verdict
             self.steps_without_draft += 1
             self.plain_seconds += verdict.plain_time
             return 0
+        self.verdict = None
         r = clock.ratio
         plain_time = r["plain"] * self.cost.target_time(B, B, s)
         plain = B / plain_time
-        drafting = 0.0  # the best rate of any way to draft
         cumulative = 0.0
         # Speculating every step also means the draft reads every prompt that enters decoding: a
         # cost per step that plain decoding never pays (at high concurrency and short outputs it
@@ -418,7 +417,7 @@ class AutoTetris(Selector):
         # drafting where only the confident part pays: at high batch, verified tokens are dear.)
         steps_left = max(batch.remaining / (1 + self.level_means[0]), 1.0)
         first = self.estimator.typical_first_estimates(B)
-        drafting = max(drafting, _best_capacity(first, B, arrivals + resume / steps_left + draft, price.verify)[1])
+        drafting = _best_capacity(first, B, arrivals + resume / steps_left + draft, price.verify)[1]  # best draft rate
         for d in range(1, self.max_depth + 1):
             cumulative += self.level_means[d - 1]
             steps_left = max(batch.remaining / (1 + cumulative), 1.0)
@@ -428,11 +427,11 @@ class AutoTetris(Selector):
         # load (a busy host slows memory-bound plain steps more), so near a tie plain steps are timed
         # on this machine, in this range, before they are ruled out. (The other way round, probes
         # time drafting: a few full drafting steps would pay every running prompt's catch-up.)
-        counts = clock.counts
-        if (drafting > plain and counts.get("verify", 0) >= EXPLORE_AFTER and counts.get("plain", 0) < EXPLORE_STEPS
-                and plain >= (1 - EXPLORE_MARGIN) * drafting):
-            return 0
         if drafting > plain:
+            counts = clock.counts
+            if (counts.get("verify", 0) >= EXPLORE_AFTER and counts.get("plain", 0) < EXPLORE_STEPS
+                    and plain >= (1 - EXPLORE_MARGIN) * drafting):
+                return 0
             self.steps_without_draft = 0
             self.plain_seconds = 0.0
             self.probe_interval = self.probe_every
