@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from interleave import (
     build_engines,
     calibration_fields,
@@ -98,10 +99,17 @@ def main() -> None:
         (out / "calibration.json").write_text(json.dumps(pooled, indent=1))
         print(f"auto calibration over the sweep: ECE {pooled['ece']} (chance floor {pooled['ece_floor']}) "
               f"on {pooled['scored']} scored outcomes", flush=True)
-    plot(rows, out / "throughput_vs_concurrency.png")
+    plot(rows, out / "throughput_vs_concurrency.png", host_name(EngineConfig().torch_device))
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def host_name(device) -> str:
+    """What the plot's title says ran the sweep: the GPU's name, or the CPU's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def plot(rows: list[dict], path: Path, host: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -121,7 +129,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Default pair on CPU (2 cores), greedy ShareGPT, methods interleaved")
+    fig.suptitle(f"Default pair on {host}, greedy ShareGPT, methods interleaved")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
