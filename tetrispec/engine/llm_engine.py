@@ -252,14 +252,17 @@ class LLMEngine:
             torch.cuda.synchronize()
         draft_seconds = time.perf_counter() - start - proposal.catch_up_seconds
         drafted = proposal.drafted
-        lengths = self.selector.select(proposal.logprobs, info).clamp(max=torch.tensor(drafted))  # [B]
+        # Selection is a few hundred numbers of host-side arithmetic: read the scores back once, and
+        # every selector works on (and returns) CPU tensors whatever device the models run on.
+        logprobs = proposal.logprobs.cpu()
+        lengths = self.selector.select(logprobs, info).clamp(max=torch.tensor(drafted))  # [B], on the CPU
         shadow = self.config.spec.shadow_oracle
         verify_lens = drafted if shadow else lengths.tolist()
         drafts = proposal.tokens.tolist()
         items = [ForwardItem([s.token_ids[-1]] + drafts[i][: verify_lens[i]], s.num_tokens - 1, s.block_table)
                  for i, s in enumerate(seqs)]
         verdict = self._verify(items, seqs, proposal, lengths, verify_lens, shadow)
-        self.selector.observe(proposal.logprobs, lengths.tolist(), verdict.num_accepted)
+        self.selector.observe(logprobs, lengths.tolist(), verdict.num_accepted)
         self.stats.num_steps += 1
         if shadow:
             self.stats.oracle_accepted += sum(verdict.num_accepted)
@@ -281,7 +284,7 @@ class LLMEngine:
         if proposal.probs is None:  # every request is greedy (see Proposal.probs)
             flat, _ = self.target.forward_greedy(items, "all", logprobs=False)  # [sum(l_i + 1)]
             target = _pad_ragged(flat, verify_lens, K + 1)
-            return rejection_sampler.verify_greedy(target, proposal.tokens, lengths, oracle)
+            return rejection_sampler.verify_greedy(target, proposal.tokens, lengths.to(target.device), oracle)
         logits = self.target.forward(items, "all")  # [sum(l_i + 1), V]
         row_params = [s.params for s, n in zip(seqs, verify_lens) for _ in range(n + 1)]
         p = _pad_ragged(logits_to_probs(logits, row_params), verify_lens, K + 1)
@@ -356,9 +359,6 @@ class LLMEngine:
 
 def _pad_ragged(flat: torch.Tensor, lens: list[int], width: int) -> torch.Tensor:
     """Rows of request i (l_i + 1 of them, back to back in flat) -> [B, width, ...]; the rest stay zero, unread."""
-    out = flat.new_zeros(len(lens), width, *flat.shape[1:])
-    start = 0
-    for i, n in enumerate(lens):
-        out[i, : n + 1] = flat[start : start + n + 1]
-        start += n + 1
-    return out
+    rows = torch.tensor([i * width + j for i, n in enumerate(lens) for j in range(n + 1)], device=flat.device)
+    out = flat.new_zeros(len(lens) * width, *flat.shape[1:])
+    return out.index_copy_(0, rows, flat).view(len(lens), width, *flat.shape[1:])  # one copy, not one per request

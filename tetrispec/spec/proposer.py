@@ -59,7 +59,7 @@ class Proposal:
 
 INLINE_CATCH_UP = 8  # lag (tokens) the first draft forward absorbs; longer lags are fed first
 
-# Called after each draft forward with the log-probabilities so far [B, j] (-inf where a request
+# Called after each draft forward with the log-probabilities so far [B, j] on the CPU (-inf where a request
 # has stopped); returns, per request, whether to draft one more token for it. A request left out
 # stops for this step; when none is left, drafting ends.
 KeepGoing = Callable[[torch.Tensor], list[bool]]
@@ -113,7 +113,7 @@ class DraftProposer:
             if j + 1 == depth:
                 break
             if keep_going is not None:
-                keep = keep_going(logprobs[:, : j + 1])
+                keep = keep_going(logprobs[:, : j + 1].cpu())  # selectors decide on the host
                 kept = [a for a, i in enumerate(active) if keep[i]]
             else:
                 kept = list(range(len(active)))
