@@ -38,8 +38,8 @@ def spec_methods() -> None:
               f"{fmt(r['system_efficiency'])} | {r['verified_tokens']} | {fmt(r.get('oracle_efficiency'))} |")
 
 
-def concurrency() -> None:
-    p = R / "concurrency_cpu" / "results.json"
+def concurrency(folder: str = "concurrency_cpu") -> None:
+    p = R / folder / "results.json"
     if not p.exists():
         return
     rows = json.loads(p.read_text())
@@ -57,7 +57,7 @@ def concurrency() -> None:
               + "; ECE (chance floor, outcomes scored) " + ", ".join(
                   f"{fmt(r.get('calibration_ece'), 3)} ({fmt(r.get('calibration_ece_floor'), 3)}, "
                   f"{r.get('calibration_scored')})" for r in auto))
-    pooled = R / "concurrency_cpu" / "calibration.json"
+    pooled = R / folder / "calibration.json"
     if pooled.exists():
         cal = json.loads(pooled.read_text())
         print(f"\npooled over the sweep: ECE {cal['ece']} (chance floor {cal['ece_floor']}) "
@@ -96,6 +96,8 @@ def sweep() -> None:
 
 
 if __name__ == "__main__":
+    # `report.py concurrency:concurrency_cuda_h200` reads another results folder
     for name in sys.argv[1:] or ["throughput", "spec_methods", "concurrency", "sweep"]:
         print(f"\n### {name}\n")
-        globals()[name]()
+        table, _, folder = name.partition(":")
+        globals()[table](*([folder] if folder else []))
