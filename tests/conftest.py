@@ -88,3 +88,30 @@ def mixed_prompts(n: int) -> list[str]:
         base = PROMPTS[i % len(PROMPTS)]
         out.append(" ".join([base] * (1 + i % 5)))
     return out
+
+
+def spm_corpus(n: int, seed: int = 0) -> list[str]:
+    """Sentences of made-up words (shared syllables, so BPE merges compete) with digits and non-ASCII."""
+    import random
+
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bdklmnprstv" for v in "aeiou"] + ["the", "ing", "tion", "str"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(300)]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 14))) + f" {rng.randint(0, 99999)} é ü 中文"
+            for _ in range(n)]
+
+
+def train_sentencepiece(path, model_type: str = "bpe", vocab_size: int = 800) -> bytes:
+    """A SentencePiece model trained the way Llama's was (identity normalization, byte fallback,
+    digits split), written to path / "tokenizer.model"; returns the model bytes."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece", reason="comparing with SentencePiece needs the sentencepiece package")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(spm_corpus(2000)), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+        byte_fallback=True, split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, minloglevel=2)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.model").write_bytes(model.getvalue())
+    return model.getvalue()

@@ -1,4 +1,5 @@
-"""Checkpoint loading: HF safetensors (single and sharded), GGUF (F32 + Q8_0), save/reload, default model."""
+"""Checkpoint loading: HF safetensors and .bin (single and sharded), SentencePiece-only tokenizers, GGUF
+(F32 + Q8_0), save/reload, default model."""
 
 import importlib.util
 import json
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import spm_corpus, train_sentencepiece
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -94,6 +96,65 @@ def test_safetensors_round_trip(tmp_path, bpe, sharded, tied):
     half, _ = load_model(src, dtype=torch.bfloat16)
     assert half.lm_head.weight.dtype == torch.bfloat16
     assert (logits_of(half, IDS).argmax(-1) == ref_logits(ref, IDS).argmax(-1)).float().mean() > 0.8
+
+
+def save_bin(ref, path, shards: int) -> None:
+    """What older checkpoints (Vicuna, Llama 1) ship: pytorch_model.bin, or shards and their index,
+    with the rotary inverse-frequency buffers they used to carry, in float16."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(ref.config.to_dict()))
+    state = {k: v.half() for k, v in ref.state_dict().items()}
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    if shards == 1:
+        torch.save(state, path / "pytorch_model.bin")
+        return
+    names, weight_map = sorted(state), {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {k: state[k] for k in names[i::shards]}
+        torch.save(part, path / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_pytorch_bin_checkpoint(tmp_path, bpe, shards):
+    ref = tiny_ref(bpe.get_vocab_size()).half().float()  # the float16 file holds these weights exactly
+    save_bin(ref, tmp_path / "src", shards)
+    write_hf_tokenizer(tmp_path / "src", bpe)
+    model, _ = load_model(tmp_path / "src")
+    torch.testing.assert_close(logits_of(model, IDS), ref_logits(ref, IDS), atol=1e-4, rtol=1e-4)
+    torch.save({"w": torch.ones(2), "why": ModelConfig}, tmp_path / "src" / "pytorch_model.bin")  # not weights
+    (tmp_path / "src" / "pytorch_model.bin.index.json").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="not a PyTorch state dict that loads with weights_only"):
+        read_checkpoint(tmp_path / "src")
+
+
+def test_vicuna_style_checkpoint_end_to_end(tmp_path):
+    """.bin weights and a SentencePiece tokenizer.model, no tokenizer.json: loads, speculates losslessly."""
+    from tetrispec import LLM, SamplingParams
+
+    train_sentencepiece(tmp_path / "target", vocab_size=800)
+    (tmp_path / "target" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    ref = tiny_ref(800, bos_token_id=1, eos_token_id=2).half().float()
+    save_bin(ref, tmp_path / "target", 1)
+    model, tok = load_model(tmp_path / "target")
+    ids = tok.encode("the quick fox")
+    assert ids[0] == 1 and tok.decode(ids) == "the quick fox"
+    torch.testing.assert_close(logits_of(model, ids), ref_logits(ref, ids), atol=1e-4, rtol=1e-4)
+    import shutil
+
+    shutil.copytree(tmp_path / "target", tmp_path / "draft")
+    save_bin(tiny_ref(800, seed=1, num_hidden_layers=1).half().float(), tmp_path / "draft", 1)
+    prompts = [p[:40] for p in spm_corpus(6, seed=3)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for method in ("none", "tetris"):
+        llm = LLM(str(tmp_path / "target"), speculative_model=str(tmp_path / "draft"), spec_method=method,
+                  num_speculative_tokens=2, device="cpu", kv_cache_memory_gb=0.05)
+        outs[method] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outs["tetris"] == outs["none"] and all(len(o) == 12 for o in outs["none"])
 
 
 def test_reduced_head_token_ids_pass_through(tmp_path, bpe):

@@ -6,6 +6,7 @@ import gguf
 import jinja2
 import pytest
 import tokenizers
+from conftest import spm_corpus, train_sentencepiece
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from tetrispec.model.tokenizer import LLAMA3_SPLIT, IncrementalDetokenizer, Tokenizer
@@ -212,3 +213,59 @@ def test_incremental_detokenizer_final_flush(tmp_path):
     detok = IncrementalDetokenizer(tok)
     assert detok.step(ids) == ""  # incomplete character: wait
     assert detok.step(ids, final=True) == tok.decode(ids) == "a\ufffd"
+
+
+# ---- SentencePiece tokenizer.model (Llama 1/2, Vicuna, Mistral HF directories) ------------------
+SPM_TEXTS = ["the quick brown fox", "  two  spaces ", " lead", "12345 digits", "é ü 中文 and ☃ snowman",
+             "newline\nhere\n\n", "tabs\tand\u00a0nbsp", "", "verifies them"] + spm_corpus(40, seed=1)
+
+
+@pytest.mark.parametrize("model_type", ["bpe", "unigram"])
+def test_sentencepiece_model_encodes_like_sentencepiece(tmp_path, model_type):
+    import sentencepiece
+
+    proto = train_sentencepiece(tmp_path, model_type, vocab_size=800 if model_type == "bpe" else 500)
+    sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
+    tok = Tokenizer.from_hf_dir(tmp_path)  # no tokenizer.json, no tokenizer_config.json
+    for text in SPM_TEXTS:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == sp.encode(text), text
+        assert tok.decode(ids) == sp.decode(ids)
+    # ids, specials and BOS from the model file, as LlamaTokenizer does
+    assert (tok.bos_token_id, tok.eos_token_ids, tok.add_bos_token) == (1, [2], True)
+    assert tok.encode("the fox")[0] == 1 and tok.vocab_size == sp.get_piece_size()
+    assert tok.encode("the</s>", add_special_tokens=False)[-1] == 2
+
+
+def test_sentencepiece_legacy_flag(tmp_path):
+    """legacy (transformers' default for Llama): every stretch between special tokens gets the
+    dummy-prefix space; legacy=false: only the start of the text."""
+    train_sentencepiece(tmp_path)
+    after = {}
+    for legacy in (True, False):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"legacy": legacy, "bos_token": "<s>"}))
+        tok = Tokenizer.from_hf_dir(tmp_path)
+        ids = tok.encode("a</s>the fox", add_special_tokens=False)
+        after[legacy] = tok.tok.id_to_token(ids[ids.index(2) + 1])
+        assert tok.decode(tok.encode("the fox")) == "the fox"
+    assert after[True].startswith("▁") and not after[False].startswith("▁")
+
+
+def test_sentencepiece_added_tokens_and_errors(tmp_path):
+    train_sentencepiece(tmp_path, vocab_size=800)
+    cfg = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False,
+           "added_tokens_decoder": {"800": {"content": "<pad>", "special": True},
+                                    "0": {"content": "<unk>", "special": True}}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = Tokenizer.from_hf_dir(tmp_path)
+    assert tok.encode("the<pad>")[-1] == 800 and tok.vocab_size == 801 and tok.add_bos_token is False
+    cfg["added_tokens_decoder"] = {"805": {"content": "<pad>", "special": True}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="'<pad>' as id 805, but the next free id is 800"):
+        Tokenizer.from_hf_dir(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"\x0a\xff\xff\xff")
+    with pytest.raises(ValueError, match="not a SentencePiece model"):
+        Tokenizer.from_hf_dir(tmp_path)
+    (tmp_path / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
+        Tokenizer.from_hf_dir(tmp_path)

@@ -1,8 +1,9 @@
 """Checkpoints -> (ModelConfig, Hugging Face-named weights, Tokenizer), and back.
 
-Two sources: an HF directory (config.json + safetensors, sharded or not) and a llama.cpp
-GGUF file. GGUF weights are dequantized to float32 and renamed to HF names, so the model
-has one loading path (LlamaForCausalLM.load_hf_state_dict) whatever the file format.
+Two sources: an HF directory (config.json + safetensors or PyTorch .bin, sharded or not; tokenizer.json
+or a SentencePiece tokenizer.model) and a llama.cpp GGUF file. GGUF weights are dequantized to float32
+and renamed to HF names, so the model has one loading path (LlamaForCausalLM.load_hf_state_dict)
+whatever the file format.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import pickle
 import shutil
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from tetrispec.model.tokenizer import Tokenizer, gguf_metadata
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "generation_config.json",
 )
 GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -97,26 +99,43 @@ def _read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Toke
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json")
     cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
-    index = path / "model.safetensors.index.json"
-    if (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    elif index.is_file():
-        files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    else:
-        raise FileNotFoundError(
-            f"{path}: no model.safetensors or model.safetensors.index.json (only safetensors is supported)"
-        )
+    files = _weight_files(path)
     weights: dict[str, torch.Tensor] = {}
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"{f}: shard listed in the index is missing")
-        weights.update(load_file(str(f)))
+        weights.update(load_file(str(f)) if f.suffix == ".safetensors" else _load_pickled(f))
     tokenizer = Tokenizer.from_hf_dir(path)
     cfg.eos_token_ids = cfg.eos_token_ids or tokenizer.eos_token_ids
     tokenizer.eos_token_ids = tokenizer.eos_token_ids or list(cfg.eos_token_ids)
     if cfg.bos_token_id is None:
         cfg.bos_token_id = tokenizer.bos_token_id
     return cfg, weights, tokenizer
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """safetensors when the checkpoint has them, else PyTorch's .bin files (older checkpoints such
+    as Vicuna ship only those); one file or the shards an index lists."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (path / name).is_file():
+            return [path / name]
+        index = path / f"{name}.index.json"
+        if index.is_file():
+            return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or an index of their shards")
+
+
+def _load_pickled(f: Path) -> dict[str, torch.Tensor]:
+    """A .bin state dict, read with weights_only (tensors and plain containers, never code)."""
+    try:
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # the pre-1.6 format cannot be memory-mapped: read it whole
+                raise
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f"{f}: not a PyTorch state dict that loads with weights_only ({e})".splitlines()[0]) from None
 
 
 # ---- GGUF -------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import struct
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -63,14 +65,20 @@ def _gpt2_from_gguf(reader: Any, tokens: list[str]) -> tokenizers.Tokenizer:
 
 
 def _spm_from_gguf(reader: Any, tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
+    scores = gguf_metadata(reader, "tokenizer.ggml.scores")
+    if scores is None:
+        raise ValueError("GGUF SentencePiece tokenizer has no tokenizer.ggml.scores")
+    return _spm_tokenizer(tokens, scores, types, gguf_metadata(reader, "tokenizer.ggml.unknown_token_id", 0),
+                          gguf_metadata(reader, "tokenizer.ggml.add_space_prefix", True))
+
+
+def _spm_tokenizer(tokens: list[str], scores: list[float], types: list[int], unk_id: int,
+                   add_space_prefix: bool) -> tokenizers.Tokenizer:
     """SentencePiece ("llama") vocabulary as a byte-fallback BPE.
 
     llama.cpp's SPM tokenizer repeatedly merges the adjacent pair whose merged piece has the
     highest score, which is BPE with merges ranked by the merged piece's score.
     """
-    scores = gguf_metadata(reader, "tokenizer.ggml.scores")
-    if scores is None:
-        raise ValueError("GGUF SentencePiece tokenizer has no tokenizer.ggml.scores")
     vocab = {t: i for i, t in enumerate(tokens)}
     ranked = []
     for piece, i in vocab.items():
@@ -81,16 +89,124 @@ def _spm_from_gguf(reader: Any, tokens: list[str], types: list[int]) -> tokenize
             if a in vocab and b in vocab:
                 ranked.append((-scores[i], vocab[a], vocab[b], a, b))
     ranked.sort()
-    unk = tokens[gguf_metadata(reader, "tokenizer.ggml.unknown_token_id", 0)]
     merges = [(a, b) for *_, a, b in ranked]
-    tok = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tok = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token=tokens[unk_id], fuse_unk=True, byte_fallback=True))
+    _spm_text_rules(tok, add_space_prefix)
+    return tok
+
+
+def _spm_text_rules(tok: tokenizers.Tokenizer, add_space_prefix: bool) -> None:
+    """Spaces as "▁" (one in front of the text when the model adds a dummy prefix), bytes back."""
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if gguf_metadata(reader, "tokenizer.ggml.add_space_prefix", True):
+    if add_space_prefix:
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         steps.append(decoders.Strip(" ", 1, 0))
     else:
         tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence(steps)
+
+
+@dataclass
+class SentencePieceModel:
+    """What a SentencePiece `tokenizer.model` holds that the tokenizer needs (Llama 1/2, Vicuna,
+    Mistral checkpoints often ship it without a tokenizer.json)."""
+
+    pieces: list[str]
+    scores: list[float]
+    types: list[int]  # SentencePiece's piece types, the same numbers as llama.cpp's token types
+    model_type: int  # 1 unigram, 2 BPE
+    unk_id: int
+    bos_id: int
+    eos_id: int
+    add_dummy_prefix: bool
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+
+
+def _proto_fields(buf: bytes):
+    """(field number, value) of each field of one protobuf message: ints for varints, bytes for
+    length-delimited fields, raw bytes for fixed 32/64-bit ones. Enough for sentencepiece_model.proto
+    without the sentencepiece or protobuf packages."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            value, pos = buf[pos: pos + n], pos + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, pos = buf[pos: pos + n], pos + n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("truncated protobuf message")
+        yield field, value
+
+
+def read_sentencepiece(path: str | Path) -> SentencePieceModel:
+    """Parse a SentencePiece ModelProto: pieces (1), trainer spec (2), normalizer spec (3)."""
+    pieces, scores, types = [], [], []
+    trainer: dict[int, Any] = {}
+    normalizer: dict[int, Any] = {}
+    try:
+        for field, value in _proto_fields(Path(path).read_bytes()):
+            if field == 1:
+                piece = dict(_proto_fields(value))
+                pieces.append(piece.get(1, b"").decode("utf-8"))
+                scores.append(struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0)
+                types.append(piece.get(3, TOKEN_NORMAL))
+            elif field == 2:
+                trainer = dict(_proto_fields(value))
+            elif field == 3:
+                normalizer = dict(_proto_fields(value))
+    except (IndexError, ValueError, UnicodeDecodeError, struct.error) as e:
+        raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
+    if not pieces:
+        raise ValueError(f"{path}: not a SentencePiece model (no pieces)")
+    signed = lambda v, default: default if v is None else (v - (1 << 64) if v >= 1 << 63 else v)  # noqa: E731
+    return SentencePieceModel(pieces, scores, types, model_type=trainer.get(3, 1),
+                              unk_id=signed(trainer.get(40), 0), bos_id=signed(trainer.get(41), 1),
+                              eos_id=signed(trainer.get(42), 2), add_dummy_prefix=bool(normalizer.get(3, 1)))
+
+
+def _from_sentencepiece(spm: SentencePieceModel, cfg: dict) -> tokenizers.Tokenizer:
+    """The fast tokenizer transformers would convert a SentencePiece model into, with the
+    tokens tokenizer_config.json adds after the model's vocabulary."""
+    if spm.model_type == 2:  # BPE: Llama 1/2, Vicuna, Mistral
+        tok = _spm_tokenizer(spm.pieces, spm.scores, spm.types, spm.unk_id, spm.add_dummy_prefix)
+    elif spm.model_type == 1:  # unigram
+        tok = tokenizers.Tokenizer(models.Unigram(list(zip(spm.pieces, spm.scores)), spm.unk_id, byte_fallback=True))
+        _spm_text_rules(tok, spm.add_dummy_prefix)
+    else:
+        raise ValueError(f"unsupported SentencePiece model type {spm.model_type} (supported: BPE, unigram)")
+    if cfg.get("legacy") is False and spm.add_dummy_prefix:
+        # transformers' non-legacy Llama tokenizer: the dummy prefix goes in front of the text only,
+        # not in front of each piece of it between special tokens
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    special = [p for p, t in zip(spm.pieces, spm.types) if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED)]
+    tok.add_special_tokens([tokenizers.AddedToken(p, special=True, normalized=False) for p in special])
+    added = sorted((int(i), t) for i, t in (cfg.get("added_tokens_decoder") or {}).items())
+    for i, t in added:
+        content = _token_content(t)
+        if tok.token_to_id(content) is not None:
+            continue
+        if i != tok.get_vocab_size(with_added_tokens=True):
+            raise ValueError(f"tokenizer_config.json adds {content!r} as id {i}, but the next free id is "
+                             f"{tok.get_vocab_size(with_added_tokens=True)}")
+        tok.add_special_tokens([tokenizers.AddedToken(content, special=True, normalized=False)])
     return tok
 
 
@@ -137,10 +253,15 @@ class Tokenizer:
     @classmethod
     def from_hf_dir(cls, path: str | Path) -> Tokenizer:
         path = Path(path)
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{path}: no tokenizer.json (tetrispec needs a fast-tokenizer file)")
-        tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
         cfg = _read_json(path / "tokenizer_config.json")
+        spm = None
+        if (path / "tokenizer.json").is_file():
+            tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+        elif (path / "tokenizer.model").is_file():
+            spm = read_sentencepiece(path / "tokenizer.model")
+            tok = _from_sentencepiece(spm, cfg)
+        else:
+            raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
         gen = _read_json(path / "generation_config.json")
         template = cfg.get("chat_template")
         if (path / "chat_template.jinja").is_file():  # transformers >= 4.50 writes it apart
@@ -151,7 +272,12 @@ class Tokenizer:
         bos_id = tok.token_to_id(bos) if bos else gen.get("bos_token_id")
         eos_ids = ([tok.token_to_id(eos)] if eos and tok.token_to_id(eos) is not None else [])
         eos_ids += _as_list(gen.get("eos_token_id"))
+        if spm is not None:  # the model file names them too (LlamaTokenizer's defaults)
+            bos_id = spm.bos_id if bos_id is None and spm.bos_id >= 0 else bos_id
+            eos_ids = eos_ids or ([spm.eos_id] if spm.eos_id >= 0 else [])
         add_bos = cfg.get("add_bos_token")
+        if add_bos is None and spm is not None:  # LlamaTokenizer adds BOS unless told not to
+            add_bos = bos_id is not None
         if add_bos is None:  # no flag: do what the tokenizer.json post-processor does
             add_bos = bos_id is not None and tok.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
         return cls(tok, bos_id, eos_ids, bool(add_bos), template)
