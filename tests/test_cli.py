@@ -29,6 +29,8 @@ def test_generate_json_with_spec_stats(tiny_pair, capsys):
     (["generate", "--prompt", "x", "--engine-seed", str(2**70)], "engine seed"),
     (["generate", "--prompt", "x", "--kv-cache-memory-gb", "nan"], "kv_cache_memory_gb"),
     (["generate", "--prompt", "x", "--device", "tpu"], "device"),  # used to be a torch traceback, exit 1
+    (["generate", "--prompt", "x", "--chat-template", "chatml"], "chat template 'chatml'"),
+    (["serve", "--chat-template", "{% for %}"], "does not parse"),
     # checked before the run (which needs a server), not after it: the results were lost
     (["bench", "--base-url", "http://127.0.0.1:1", "--output", "/proc/no/results.json"], "--output"),
     (["bench", "--base-url", "http://127.0.0.1:1", "--output", "/"], "--output"),

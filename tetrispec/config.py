@@ -50,6 +50,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 2.0
     seed: int = 0
     num_threads: int | None = None
+    chat_template: str | None = None  # None: the checkpoint's own; else a name, a file or Jinja text
     spec: SpecConfig = field(default_factory=SpecConfig)
 
     def validate(self) -> None:

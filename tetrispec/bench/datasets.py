@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from tetrispec.model.chat_templates import CHAT_TEMPLATES
+
 logger = logging.getLogger(__name__)
 
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
@@ -54,35 +56,7 @@ class BenchRequest:
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat templates for checkpoints that ship none (Jinja, Hugging Face `chat_template` style).
-
-_VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-CHAT_TEMPLATES: dict[str, str] = {
-    # FastChat's vicuna_v1.1: system + " " + "USER: q ASSISTANT: a</s>USER: q2 ASSISTANT:"
-    "vicuna_v1.1": (
-        "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-        "{% set loop_messages = messages[1:] %}"
-        "{% else %}{% set system = '" + _VICUNA_SYSTEM.replace("'", "\\'") + "' %}"
-        "{% set loop_messages = messages %}{% endif %}"
-        "{{ system + ' ' }}"
-        "{% for m in loop_messages %}"
-        "{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] + ' ' }}"
-        "{% else %}{{ 'ASSISTANT: ' + m['content'] + '</s>' }}{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-    ),
-    "llama-3": (
-        "{{ '<|begin_of_text|>' }}"
-        "{% for m in messages %}"
-        "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
-    ),
-}
-
+# Chat templates for checkpoints that ship none (tetrispec.model.chat_templates), applied client-side.
 
 @functools.lru_cache(maxsize=8)
 def _compile(template: str) -> Any:

@@ -38,6 +38,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-kv-blocks", type=_positive, default=None)
     g.add_argument("--num-threads", type=_positive, default=None)
     g.add_argument("--engine-seed", type=int, default=0)
+    g.add_argument("--chat-template", default=None,
+                   help="replace the checkpoint's chat template: a file, the Jinja text, or vicuna_v1.1 / llama-3")
     s = p.add_argument_group("speculative decoding")
     s.add_argument("--speculative-model", default=DEFAULT,
                    help="draft checkpoint (default: the shipped draft when --model is not given)")
@@ -63,7 +65,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         spec_method=args.spec_method, num_speculative_tokens=args.num_speculative_tokens,
         tetris_extra_proposals=args.tetris_extra_proposals, tetris_turn_on_batch_size=args.tetris_turn_on_batch_size,
         tetris_capacity=args.tetris_capacity, dsd_max_k=args.dsd_max_k, spec_shadow_oracle=args.spec_shadow_oracle,
-        profile_path=args.profile_path,
+        profile_path=args.profile_path, chat_template=args.chat_template,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from tetrispec.engine.block_manager import BlockManager
 from tetrispec.engine.sampler import draw_uniforms, logits_to_probs, sample
 from tetrispec.engine.scheduler import Scheduler
 from tetrispec.engine.sequence import Sequence, SequenceStatus
+from tetrispec.model.chat_templates import resolve_chat_template
 from tetrispec.model.loader import load_model
 from tetrispec.model.model_runner import ForwardItem, ModelRunner
 from tetrispec.model.tokenizer import IncrementalDetokenizer
@@ -52,6 +54,7 @@ class LLMEngine:
         this way on one copy of the weights; caches, scheduler and selector stay each engine's own."""
         config.validate()
         self.config = config
+        template = None if config.chat_template is None else resolve_chat_template(config.chat_template)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         device, dtype = config.torch_device, config.torch_dtype
@@ -81,6 +84,9 @@ class LLMEngine:
         self.proposer = DraftProposer(self.draft, self.generator) if self.draft else None
         self.set_speculation(config.spec)
         self.stats = SpecStats()
+        if template is not None:  # on a copy: engines sharing weights share the tokenizer object
+            self.tokenizer = copy.copy(self.tokenizer)
+            self.tokenizer.chat_template = template
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(target.config.eos_token_ids)
         self._ids = itertools.count()
         self.num_prompt_tokens = 0
