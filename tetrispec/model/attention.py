@@ -29,6 +29,9 @@ from tetrispec.model.cpu_kernel import cpu_ops
 
 LONG_QUERY = 16  # a sequence with more new tokens than this sends the step to the per-sequence path
 CALL_COST_KEYS = 2048  # one more gather + SDPA call per layer costs about as much as this many padded keys
+# On a GPU a call is a handful of kernel launches (~50 us) while gathering a key is bandwidth
+# (~1 KB at 3 TB/s): the break-even is some 10^5 keys, so a GPU batch is almost never cut.
+CUDA_CALL_COST_KEYS = 65536
 
 
 def partition_by_context(num_blocks: list[int], block_size: int, call_cost: int) -> list[list[int]]:
@@ -145,7 +148,8 @@ class AttentionMetadata:
             return cls(slot_mapping, empty, block_size, None, None, None, B, max_q,
                        kernel_args=(tables, q_start, lens))
         if bucket and B > 1:
-            groups = partition_by_context([-(-c // block_size) for c in context_lens], block_size, CALL_COST_KEYS)
+            call_cost = CALL_COST_KEYS if torch.device(device).type == "cpu" else CUDA_CALL_COST_KEYS
+            groups = partition_by_context([-(-c // block_size) for c in context_lens], block_size, call_cost)
             if len(groups) > 1:
                 starts = [0, *itertools.accumulate(query_lens)]
                 buckets = []
