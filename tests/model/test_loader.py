@@ -84,7 +84,8 @@ def test_safetensors_round_trip(tmp_path, bpe, sharded, tied):
     cfg, weights, tok = read_checkpoint(src)
     assert (cfg.tie_word_embeddings, cfg.eos_token_ids, tok.eos_token_ids) == (tied, [2], [2])
     model, tok = load_model(src)
-    assert not model.training
+    assert not model.training and not any(p.is_meta for p in model.parameters())  # built on meta, all loaded
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     torch.testing.assert_close(logits_of(model, IDS), ref_logits(ref, IDS), atol=1e-4, rtol=1e-4)
     assert tok.decode(tok.encode("Hello world")) == "Hello world"
 
@@ -155,6 +156,16 @@ def test_vicuna_style_checkpoint_end_to_end(tmp_path):
                   num_speculative_tokens=2, device="cpu", kv_cache_memory_gb=0.05)
         outs[method] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert outs["tetris"] == outs["none"] and all(len(o) == 12 for o in outs["none"])
+
+
+def test_read_checkpoint_casts_as_it_reads(tmp_path, bpe):
+    ref = tiny_ref(bpe.get_vocab_size())
+    ref.save_pretrained(tmp_path)
+    write_hf_tokenizer(tmp_path, bpe)
+    _, raw, _ = read_checkpoint(tmp_path)
+    _, half, _ = read_checkpoint(tmp_path, torch.bfloat16)
+    assert {t.dtype for t in raw.values()} == {torch.float32} and {t.dtype for t in half.values()} == {torch.bfloat16}
+    assert all(torch.equal(half[name], t.bfloat16()) for name, t in raw.items())
 
 
 def test_reduced_head_token_ids_pass_through(tmp_path, bpe):

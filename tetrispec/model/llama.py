@@ -232,28 +232,48 @@ class LlamaForCausalLM(nn.Module):
         return self.head_token_ids[rows], logits.gather(1, rows[:, None]).squeeze(1) - torch.logsumexp(logits, -1)
 
     @torch.no_grad()
-    def load_hf_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
-        """Load Hugging Face-named weights, fusing q/k/v and gate/up."""
-        weights = dict(weights)
+    def load_hf_state_dict(self, weights: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
+        """Load Hugging Face-named weights, fusing q/k/v and gate/up; consumes `weights`.
+
+        The checkpoint's tensors (cast to dtype) become the parameters rather than being copied
+        into them, and each one leaves `weights` as it is used: a model built on the meta device
+        (load_model) is loaded holding one copy of its weights, not two or three.
+        """
+        def take(name: str) -> torch.Tensor:
+            t = weights.pop(name)
+            return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+        loaded: dict[str, torch.Tensor] = {}
         for i in range(self.config.num_hidden_layers):
             p = f"model.layers.{i}."
-            weights[p + "self_attn.qkv_proj.weight"] = torch.cat(
-                [weights.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
-            )
-            weights[p + "mlp.gate_up_proj.weight"] = torch.cat(
-                [weights.pop(p + "mlp.gate_proj.weight"), weights.pop(p + "mlp.up_proj.weight")]
-            )
-        if "lm_head.head_token_ids" in weights:
-            self.set_draft_vocab(weights.pop("lm_head.head_token_ids"))
-        if self.lm_head.weight is self.model.embed_tokens.weight:
+            loaded[p + "self_attn.qkv_proj.weight"] = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            loaded[p + "mlp.gate_up_proj.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"),
+                                                               take(p + "mlp.up_proj.weight")])
+        head_token_ids = weights.pop("lm_head.head_token_ids", None)
+        tied = self.lm_head.weight is self.model.embed_tokens.weight
+        if tied:
             weights.pop("lm_head.weight", None)
-        elif "lm_head.weight" not in weights:
-            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
-        weights = {k: v for k, v in weights.items() if "rotary_emb" not in k}
-        missing, unexpected = self.load_state_dict(weights, strict=False)
-        missing = [m for m in missing if m != "lm_head.weight" or not self.config.tie_word_embeddings]
+        for name in [n for n in weights if "rotary_emb" not in n]:
+            loaded[name] = take(name)
+        if not tied and "lm_head.weight" not in loaded and "model.embed_tokens.weight" in loaded:
+            loaded["lm_head.weight"] = loaded["model.embed_tokens.weight"]
+        missing, unexpected = self.load_state_dict(loaded, strict=False, assign=True)
+        missing = [m for m in missing if m != "lm_head.weight" or not tied]
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if tied:  # assigning a new embedding unties the head
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._fresh_buffers(head_token_ids)
+
+    def _fresh_buffers(self, head_token_ids: torch.Tensor | None) -> None:
+        """The rotary table and vocabulary maps, on the weights' device (they may have been built on meta)."""
+        device = self.model.embed_tokens.weight.device
+        with torch.device(device):
+            self.rotary = RotaryEmbedding(self.config)
+            self.head_token_ids = torch.arange(self.lm_head.weight.shape[0])
+            self.token_rows = torch.arange(self.config.vocab_size)
+        if self.config.draft_vocab_size:
+            self.set_draft_vocab(self.head_token_ids if head_token_ids is None else head_token_ids)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Inverse of load_hf_state_dict, for saving checkpoints (distilled drafts)."""

@@ -18,7 +18,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from tetrispec.model.config import ModelConfig
 from tetrispec.model.llama import LlamaForCausalLM, rope_inv_freq
@@ -49,13 +50,16 @@ def default_target_path() -> str:
     )
 
 
-def read_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """An HF checkpoint directory or a .gguf file."""
+def read_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
+                    ) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """An HF checkpoint directory or a .gguf file. dtype: what floating-point weights are cast to
+    (GGUF's are dequantized to float32 by default), one tensor at a time as the file is read, so
+    the checkpoint never exists whole in two dtypes."""
     p = Path(path)
     if p.is_dir():
-        return _read_hf_dir(p)
+        return _read_hf_dir(p, dtype)
     if p.is_file() and p.suffix == ".gguf":
-        return _read_gguf(p)
+        return _read_gguf(p, dtype or torch.float32)
     if not p.exists():
         raise FileNotFoundError(f"model path {p} does not exist")
     raise ValueError(f"{p}: expected a Hugging Face checkpoint directory or a .gguf file")
@@ -65,11 +69,11 @@ def load_model(
     path: str | Path | None, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> tuple[LlamaForCausalLM, Tokenizer]:
     """Build and load a model in eval mode; path None means the default SmolLM2 GGUF."""
-    cfg, weights, tokenizer = read_checkpoint(default_target_path() if path is None else path)
-    with torch.device(device):  # random init is cheap on an accelerator; the weights overwrite it
+    cfg, weights, tokenizer = read_checkpoint(default_target_path() if path is None else path, dtype)
+    with torch.device("meta"):  # no memory and no random init: the checkpoint's tensors become the parameters
         model = LlamaForCausalLM(cfg)
-    model.load_hf_state_dict(weights)
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    model.load_hf_state_dict(weights, dtype)
+    return model.to(device=device).eval(), tokenizer
 
 
 def save_checkpoint(
@@ -95,7 +99,7 @@ def save_checkpoint(
 
 
 # ---- Hugging Face directory ------------------------------------------------------------
-def _read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+def _read_hf_dir(path: Path, dtype: torch.dtype | None) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json")
     cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
@@ -104,13 +108,23 @@ def _read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Toke
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"{f}: shard listed in the index is missing")
-        weights.update(load_file(str(f)) if f.suffix == ".safetensors" else _load_pickled(f))
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), "pt") as st:
+                weights.update((name, _cast(st.get_tensor(name), dtype)) for name in st.keys())  # noqa: SIM118
+        else:
+            weights.update((name, _cast(t, dtype)) for name, t in _load_pickled(f).items())
     tokenizer = Tokenizer.from_hf_dir(path)
     cfg.eos_token_ids = cfg.eos_token_ids or tokenizer.eos_token_ids
     tokenizer.eos_token_ids = tokenizer.eos_token_ids or list(cfg.eos_token_ids)
     if cfg.bos_token_id is None:
         cfg.bos_token_id = tokenizer.bos_token_id
     return cfg, weights, tokenizer
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A copy in dtype even when it already is: a tensor read from a file is a view of its memory
+    map, and a model whose weights live in a file that is replaced while it serves would crash."""
+    return t.to(dtype, copy=True) if dtype is not None and t.is_floating_point() else t
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -189,7 +203,7 @@ def _gguf_rope_scaling(meta, rope_freqs: torch.Tensor | None, base: ModelConfig)
     raise ValueError(f"unsupported GGUF rope scaling {kind!r} (supported: none, linear, llama3)")
 
 
-def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+def _read_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     reader = gguf.GGUFReader(path)
     arch = gguf_metadata(reader, "general.architecture")
     if arch != "llama":
@@ -214,7 +228,7 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokeni
             w = _unpermute(w, n_head)
         elif name.endswith("k_proj.weight"):
             w = _unpermute(w, n_kv)
-        weights[name] = w
+        weights[name] = w.to(dtype)
     tokenizer = Tokenizer.from_gguf(reader)
     cfg = ModelConfig(
         vocab_size=weights["model.embed_tokens.weight"].shape[0],
