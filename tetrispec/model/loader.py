@@ -1,9 +1,9 @@
 """Checkpoints -> (ModelConfig, Hugging Face-named weights, Tokenizer), and back.
 
 Two sources: an HF directory (config.json + safetensors or PyTorch .bin, sharded or not; tokenizer.json
-or a SentencePiece tokenizer.model) and a llama.cpp GGUF file. GGUF weights are dequantized to float32
-and renamed to HF names, so the model has one loading path (LlamaForCausalLM.load_hf_state_dict)
-whatever the file format.
+or a SentencePiece tokenizer.model) and a llama.cpp GGUF file. GGUF weights are dequantized (to the
+load's dtype) and renamed to HF names, so the model has one loading path
+(LlamaForCausalLM.load_hf_state_dict) whatever the file format.
 """
 
 from __future__ import annotations
