@@ -474,3 +474,30 @@ def test_a_clear_plain_verdict_stands_for_a_few_steps():
     assert depths([BatchInfo(8, 100, lag_tokens=800), BatchInfo(8, 100, lag_tokens=100)]) == [2]
     # more output left (a new request): priced afresh
     assert depths([BatchInfo(8, 100, remaining=10), BatchInfo(8, 100, remaining=50)]) == [2]
+
+
+def test_typical_level_means_follow_first_drafts_and_their_moves():
+    est = AcceptanceEstimator()
+    for _ in range(200):  # first drafts: half confident, half hopeless; confidence keeps its bin
+        est.count_transitions(np.array([[0.97, 0.97, 0.97], [0.03, 0.03, 0.03]]))
+    levels = est.typical_level_means(3)
+    hi = [est.estimate(0.97, j) for j in range(3)]
+    lo = [est.estimate(0.03, j) for j in range(3)]
+    expected = [0.5 * (np.prod(hi[: d + 1]) + np.prod(lo[: d + 1])) for d in range(3)]
+    assert levels == pytest.approx(expected, rel=0.02)  # the pseudo-counts blur the bins a little
+    assert list(levels) == sorted(levels, reverse=True)
+
+
+def test_levels_not_drafted_drop_to_the_projection_at_once():
+    """Only the first level is drafted (keep_going stops there): the deeper levels' means, never
+    refreshed by drafts, must not stay at an optimistic prior that keeps depth() drafting."""
+    sel = AutoTetris(max_depth=3, cost=cost(per_token=0.001))
+    assert sel.level_means == [0.5, 0.5, 0.5]
+    sel.select(torch.log(torch.full((8, 1), 0.3)), BatchInfo(8, 0.0))  # one step is enough to drop
+    projected = sel.estimator.typical_level_means(3)
+    first = sel.level_means[0]
+    assert projected[1] < first < 0.5
+    assert sel.level_means[1:] == pytest.approx([projected[1], min(projected[2], projected[1])])
+    sel.level_means[1] = 0.0  # below the projection: it climbs back by the EMA only
+    sel.select(torch.log(torch.full((8, 1), 0.3)), BatchInfo(8, 0.0))
+    assert sel.level_means[1] == pytest.approx(0.1 * projected[1])
