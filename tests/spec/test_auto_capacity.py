@@ -492,7 +492,9 @@ def test_levels_not_drafted_drop_to_the_projection_at_once():
     """Only the first level is drafted (keep_going stops there): the deeper levels' means, never
     refreshed by drafts, must not stay at an optimistic prior that keeps depth() drafting."""
     sel = AutoTetris(max_depth=3, cost=cost(per_token=0.001))
-    assert sel.level_means == [0.5, 0.5, 0.5]
+    assert sel.level_means == pytest.approx(list(sel.estimator.typical_level_means(3)))  # the prior, too
+    assert sel.level_means[2] < sel.level_means[1] < sel.level_means[0]
+    sel.level_means = [0.5, 0.5, 0.5]  # stale and optimistic, as a flat prior used to be
     sel.select(torch.log(torch.full((8, 1), 0.3)), BatchInfo(8, 0.0))  # one step is enough to drop
     projected = sel.estimator.typical_level_means(3)
     first = sel.level_means[0]

@@ -326,7 +326,10 @@ class AutoTetris(Selector):
         self.state_path: Path | None = None
         self.probe_every = probe_every  # first probe interval; doubles while probes keep saying "no"
         self.probe_interval = probe_every
-        self.level_means = [0.5] * max_depth  # EMA of the mean cumulative estimate per depth
+        # EMA of the mean cumulative estimate per depth, from the estimator's projection at first (a
+        # flat prior claimed every token past the first is accepted for sure: at batch 64 on a fresh
+        # estimator that priced four levels as paying and drafted the whole batch's prompts)
+        self.level_means = [float(m) for m in self.estimator.typical_level_means(max_depth)]
         self.steps_without_draft = 0
         self.plain_seconds = 0.0  # predicted time of the plain steps since drafting last ran
         self.last_capacity = 0
@@ -382,7 +385,9 @@ class AutoTetris(Selector):
         if path.exists():
             state = json.loads(path.read_text())
             self.estimator.load_state(state)
-            for j, m in enumerate(state.get("level_means", [])[: self.max_depth]):
+            saved = state.get("level_means", [])[: self.max_depth]
+            self.level_means = [float(m) for m in self.estimator.typical_level_means(self.max_depth)]
+            for j, m in enumerate(saved):
                 self.level_means[j] = float(m)
             for j in range(1, self.max_depth):  # deeper than what was saved: no more than the level above
                 self.level_means[j] = min(self.level_means[j], self.level_means[j - 1])
