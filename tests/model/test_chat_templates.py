@@ -15,6 +15,8 @@ def test_resolve_by_name_file_and_text(tmp_path):
     (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] | upper }}")
     assert resolve_chat_template(str(tmp_path / "t.jinja")) == "{{ messages[0]['content'] | upper }}"
     assert resolve_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}").startswith("{% for")
+    # checked in the environment that renders it: loop controls, as transformers allows them
+    assert "{% break %}" in resolve_chat_template("{% for m in messages %}{{ m['content'] }}{% break %}{% endfor %}")
 
 
 @pytest.mark.parametrize("value, message", [

@@ -15,7 +15,6 @@ complete conversation.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import logging
@@ -26,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from tetrispec.model.chat_templates import CHAT_TEMPLATES
+from tetrispec.model.chat_templates import CHAT_TEMPLATES, render
 
 logger = logging.getLogger(__name__)
 
@@ -58,17 +57,10 @@ class BenchRequest:
 # ---------------------------------------------------------------------------------------------
 # Chat templates for checkpoints that ship none (tetrispec.model.chat_templates), applied client-side.
 
-@functools.lru_cache(maxsize=8)
-def _compile(template: str) -> Any:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(CHAT_TEMPLATES.get(template, template))
-
-
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Render a Jinja chat template (a CHAT_TEMPLATES name or the template text itself)."""
-    return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+    """Render a chat template (a CHAT_TEMPLATES name or the template text itself) as the server does."""
+    return render(CHAT_TEMPLATES.get(template, template), messages=messages,
+                  add_generation_prompt=add_generation_prompt)
 
 
 def template_fn(template: str) -> Callable[[str], str]:

@@ -1,4 +1,5 @@
-"""Chat templates for checkpoints that ship none (Vicuna's repositories, base models), by name.
+"""Chat templates: rendering (the sandboxed environment transformers uses), and templates for
+checkpoints that ship none (Vicuna's repositories, base models), by name.
 
 `--chat-template` (vLLM's flag) takes one of these names, a file holding a Jinja template, or the
 template text itself; it replaces whatever template the checkpoint ships.
@@ -6,9 +7,14 @@ template text itself; it replaces whatever template the checkpoint ships.
 
 from __future__ import annotations
 
+import functools
+import json
+from datetime import datetime
 from pathlib import Path
 
 import jinja2
+import jinja2.ext
+import jinja2.sandbox
 
 _VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -53,7 +59,29 @@ def resolve_chat_template(value: str) -> str:
         raise ValueError(f"chat template {value!r}: not a file, not a Jinja template, and not one of "
                          f"{', '.join(CHAT_TEMPLATES)}")
     try:
-        jinja2.Environment().parse(text)
+        _compile(text)  # the environment that renders it (loop controls parse there, not in a bare one)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"chat template {value[:60]!r} does not parse: {e.message} (line {e.lineno})") from None
     return text
+
+
+def render(template: str, **variables) -> str:
+    """Render chat-template text: the server's templates and the benchmark client's alike."""
+    return _compile(template).render(**variables)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: (
+        json.dumps(x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
+    )
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)
