@@ -12,6 +12,8 @@ MAX_TOP_K = 2**63 - 1
 # Below this, logits / temperature overflows float32 and the probabilities turn to NaN; such a
 # temperature means "the most likely token" anyway, so it counts as greedy (as vLLM does).
 MIN_SAMPLING_TEMPERATURE = 1e-5
+# Most alternatives per token SamplingParams.logprobs may ask for (OpenAI's top_logprobs limit, vLLM's default).
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -24,6 +26,9 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # Target log-probabilities of each emitted token plus this many most likely alternatives;
+    # None: off (nothing computed, greedy batches keep their argmax-only fast path).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -57,6 +62,9 @@ class SamplingParams:
             raise bad("stop", self.stop, "a list of non-empty strings")
         if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def greedy(self) -> bool:

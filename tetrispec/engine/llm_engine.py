@@ -12,6 +12,7 @@ import torch
 
 from tetrispec.config import DEFAULT, EngineConfig, SpecConfig
 from tetrispec.engine.block_manager import BlockManager
+from tetrispec.engine.logprobs import TokenLogprob, token_logprobs
 from tetrispec.engine.sampler import draw_uniforms, logits_to_probs, sample
 from tetrispec.engine.scheduler import Scheduler
 from tetrispec.engine.sequence import Sequence, SequenceStatus
@@ -45,6 +46,7 @@ class RequestOutput:
     finish_reason: str | None
     finished: bool
     metrics: dict = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when SamplingParams.logprobs is set
 
 
 class LLMEngine:
@@ -220,28 +222,38 @@ class LLMEngine:
         return BatchInfo(len(seqs), sum(s.num_tokens for s in seqs) / len(seqs), entering, lag,
                          sum(remaining) / len(seqs), lags)
 
-    def _next_tokens(self, items: list[ForwardItem], seqs: list[Sequence]) -> list[int]:
-        """One target forward and one sampled token per sequence."""
-        if all(s.params.greedy for s in seqs):
-            return self.target.forward_greedy(items, "last", logprobs=False)[0].tolist()
-        probs = logits_to_probs(self.target.forward(items, "last"), [s.params for s in seqs])
-        return sample(probs, draw_uniforms(seqs, 1, self.generator, probs.device).squeeze(1)).tolist()
+    def _next_tokens(self, items: list[ForwardItem], seqs: list[Sequence]
+                     ) -> tuple[list[int], list[list[TokenLogprob]] | None]:
+        """One target forward, one sampled token per sequence, and its logprobs where asked for."""
+        greedy = all(s.params.greedy for s in seqs)
+        if greedy and not _wants_logprobs(seqs):  # argmax only: no [B, V] tensors
+            return self.target.forward_greedy(items, "last", logprobs=False)[0].tolist(), None
+        logits = self.target.forward(items, "last")  # [B, V]
+        if greedy:
+            tokens = logits.argmax(-1).tolist()
+        else:
+            probs = logits_to_probs(logits, [s.params for s in seqs])
+            tokens = sample(probs, draw_uniforms(seqs, 1, self.generator, probs.device).squeeze(1)).tolist()
+        if not _wants_logprobs(seqs):
+            return tokens, None
+        return tokens, token_logprobs(logits, [[i] for i in range(len(seqs))], [[t] for t in tokens],
+                                      [s.params.logprobs for s in seqs])
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         items = [ForwardItem(s.token_ids, 0, s.block_table) for s in seqs]
-        tokens = self._next_tokens(items, seqs)
-        for s, token in zip(seqs, tokens):
+        tokens, logprobs = self._next_tokens(items, seqs)
+        for i, (s, token) in enumerate(zip(seqs, tokens)):
             s.num_cached = s.num_tokens  # the draft reads the prompt when it first drafts (proposer)
             self.num_prompt_tokens += s.num_prompt_tokens if s.num_preemptions == 0 else 0
-            self._append(s, [token])
+            self._append(s, [token], logprobs[i] if logprobs else None)
 
     def _decode(self, seqs: list[Sequence]) -> None:
         items = [ForwardItem([s.token_ids[-1]], s.num_tokens - 1, s.block_table) for s in seqs]
-        tokens = self._next_tokens(items, seqs)
+        tokens, logprobs = self._next_tokens(items, seqs)
         self.stats.num_steps += 1
-        for s, token in zip(seqs, tokens):
+        for i, (s, token) in enumerate(zip(seqs, tokens)):
             s.num_cached = s.num_tokens
-            emitted = self._append(s, [token])
+            emitted = self._append(s, [token], logprobs[i] if logprobs else None)
             for st in (s.spec, self.stats):
                 st.record(0, 0, 0, emitted)
 
@@ -267,7 +279,10 @@ class LLMEngine:
         drafts = proposal.tokens.tolist()
         items = [ForwardItem([s.token_ids[-1]] + drafts[i][: verify_lens[i]], s.num_tokens - 1, s.block_table)
                  for i, s in enumerate(seqs)]
-        verdict = self._verify(items, seqs, proposal, lengths, verify_lens, shadow)
+        verdict, logits = self._verify(items, seqs, proposal, lengths, verify_lens, shadow)
+        emitted_tokens = [d[:a] + [t] for d, a, t in zip(drafts, verdict.num_accepted, verdict.next_tokens)]
+        # the target's logprobs of those tokens, for requests that asked (not the drafts' `logprobs` above)
+        emitted_logprobs = None if logits is None else _verified_logprobs(logits, seqs, verify_lens, emitted_tokens)
         self.selector.observe(logprobs, lengths.tolist(), verdict.num_accepted)
         self.stats.num_steps += 1
         if shadow:
@@ -277,35 +292,45 @@ class LLMEngine:
             a, n = verdict.num_accepted[i], s.num_tokens
             s.num_cached = n + a  # t_{n-1} and the accepted drafts; rejected entries are dead
             s.num_draft_cached = min(s.num_draft_cached, n + a)
-            emitted = self._append(s, drafts[i][:a] + [verdict.next_tokens[i]])
+            emitted = self._append(s, emitted_tokens[i], emitted_logprobs[i] if emitted_logprobs else None)
             for st in (s.spec, self.stats):
                 st.record(drafted[i], int(lengths[i]), a, emitted)
         # what the method verifies (the shadow oracle's extra is measurement)
         return B + int(lengths.sum()), draft_seconds, proposal
 
     def _verify(self, items: list[ForwardItem], seqs: list[Sequence], proposal, lengths: torch.Tensor,
-                verify_lens: list[int], oracle: bool) -> rejection_sampler.Verdict:
-        """One ragged target forward over every request's last token and its verified drafts."""
+                verify_lens: list[int], oracle: bool) -> tuple[rejection_sampler.Verdict, torch.Tensor | None]:
+        """One ragged target forward over every request's last token and its verified drafts; also
+        returns its logits [sum(l_i + 1), V] when a request wants logprobs (else None)."""
         K = proposal.depth
+        wants = _wants_logprobs(seqs)
         if proposal.probs is None:  # every request is greedy (see Proposal.probs)
-            flat, _ = self.target.forward_greedy(items, "all", logprobs=False)  # [sum(l_i + 1)]
+            logits = self.target.forward(items, "all") if wants else None  # what the logprobs need
+            if logits is not None:  # the same argmax rule, read off those logits
+                flat = logits.argmax(-1)  # [sum(l_i + 1)]
+            else:
+                flat, _ = self.target.forward_greedy(items, "all", logprobs=False)
             target = _pad_ragged(flat, verify_lens, K + 1)
-            return rejection_sampler.verify_greedy(target, proposal.tokens, lengths.to(target.device), oracle)
+            verdict = rejection_sampler.verify_greedy(target, proposal.tokens, lengths.to(target.device), oracle)
+            return verdict, logits
         logits = self.target.forward(items, "all")  # [sum(l_i + 1), V]
         row_params = [s.params for s, n in zip(seqs, verify_lens) for _ in range(n + 1)]
         p = _pad_ragged(logits_to_probs(logits, row_params), verify_lens, K + 1)
         u = draw_uniforms(seqs, K + 1, self.generator, p.device)  # K + 1 draws per step whatever l_i is
-        return rejection_sampler.verify(p, proposal.tokens, proposal.probs, lengths.to(p.device),
-                                        u[:, :K], u[:, K], oracle=oracle)
+        verdict = rejection_sampler.verify(p, proposal.tokens, proposal.probs, lengths.to(p.device),
+                                           u[:, :K], u[:, K], oracle=oracle)
+        return verdict, logits if wants else None
 
     # ---- postprocess --------------------------------------------------------------------
-    def _append(self, seq: Sequence, tokens: list[int]) -> int:
-        """Append tokens until a stop rule fires; returns how many were kept."""
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> int:
+        """Append tokens (and their logprobs, one each) until a stop rule fires; returns how many were kept."""
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         params, kept = seq.params, 0
         for token in tokens:
             seq.token_ids.append(token)
+            if logprobs:
+                seq.logprobs.append(logprobs[kept])
             kept += 1
             if not params.ignore_eos and token in self.eos_ids:
                 seq.finish_reason, seq.stop_reason = "stop", None
@@ -352,7 +377,8 @@ class LLMEngine:
             "spec": seq.spec.summary(),
         }
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, seq.output_text,
-                             seq.output_token_ids, seq.finish_reason, seq.is_finished, metrics)
+                             seq.output_token_ids, seq.finish_reason, seq.is_finished, metrics,
+                             list(seq.logprobs) if seq.params.logprobs is not None else None)
 
     def spec_stats(self) -> dict:
         out = self.stats.summary()
@@ -361,6 +387,20 @@ class LLMEngine:
         if isinstance(self.selector, AutoTetris):
             out["calibration"] = self.selector.calibration()
         return out
+
+
+def _wants_logprobs(seqs: list[Sequence]) -> bool:
+    return any(s.params.logprobs is not None for s in seqs)
+
+
+def _verified_logprobs(logits: torch.Tensor, seqs: list[Sequence], verify_lens: list[int],
+                       emitted: list[list[int]]) -> list[list[TokenLogprob]]:
+    """logits [sum(l_i + 1), V] of a verify forward: request i's rows follow the l_j + 1 rows of
+    every j < i, and its j-th emitted token (accepted draft, then correction or bonus) came from
+    its row j."""
+    starts = itertools.accumulate((n + 1 for n in verify_lens[:-1]), initial=0)
+    rows = [list(range(r, r + len(tokens))) for r, tokens in zip(starts, emitted)]
+    return token_logprobs(logits, rows, emitted, [s.params.logprobs for s in seqs])
 
 
 def _pad_ragged(flat: torch.Tensor, lens: list[int], width: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from enum import Enum
 
 import torch
 
+from tetrispec.engine.logprobs import TokenLogprob
 from tetrispec.sampling_params import SamplingParams
 from tetrispec.spec.stats import SpecStats
 
@@ -35,6 +36,7 @@ class Sequence:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     spec: SpecStats = field(default_factory=SpecStats)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if params.logprobs is set
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     finish_time: float | None = None
