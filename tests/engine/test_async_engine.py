@@ -79,6 +79,50 @@ def test_stop_string_never_retracts_streamed_text(aengine, offline, llm):
     assert deltas[-1].finish_reason == "stop"
 
 
+def test_group_streams_every_request_with_its_index(aengine, offline, llm):
+    """A list of params: one engine request each, on one stream; deltas (logprobs included) say whose."""
+    prompt = mixed_prompts(1)[0]
+    group = [GREEDY, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=2), GREEDY]
+    ref = llm.generate(prompt, group[1], use_tqdm=False)[0]
+
+    async def main():
+        stream = await aengine.add_request(prompt, group, request_id="g")
+        assert stream.request_ids == ["g-0", "g-1", "g-2"] and not stream.finished
+        return stream, [d async for d in stream]
+
+    stream, deltas = asyncio.run(main())
+    assert stream.finished and {d.index for d in deltas} == {0, 1, 2}
+    assert all(d.request_id == f"g-{d.index}" for d in deltas)
+    by_index = [[d for d in deltas if d.index == i] for i in range(3)]
+    for i in (0, 2):
+        assert "".join(d.text for d in by_index[i]) == offline[0].text
+        assert all(d.logprobs is None for d in by_index[i])
+    assert [t for d in by_index[1] for t in d.token_ids] == ref.token_ids
+    assert [e.token_id for d in by_index[1] for e in d.logprobs] == ref.token_ids
+    assert [e.logprob for d in by_index[1] for e in d.logprobs] == pytest.approx([e.logprob for e in ref.logprobs],
+                                                                                abs=1e-4)
+    assert by_index[1][-1].finished and by_index[1][-1].spec["request_steps"] == 4
+    wait_until(lambda: aengine.snapshot.num_free_blocks == aengine.snapshot.num_blocks)
+
+
+def test_leaving_a_group_aborts_every_request(aengine):
+    reasons = []
+    aengine.add_listener(lambda d: reasons.append(d.finish_reason) if d.finished else None)
+
+    async def main():
+        stream = await aengine.add_request("The capital of France is", [LONG] * 3)
+        async with stream:
+            async for delta in stream:
+                if delta.num_output_tokens >= 3:
+                    break
+        return stream
+
+    assert asyncio.run(main()).finished
+    wait_until(lambda: not aengine.engine.has_unfinished() and aengine.num_waiting() == 0)
+    assert reasons == ["abort"] * 3
+    wait_until(lambda: aengine.snapshot.num_free_blocks == aengine.snapshot.num_blocks)
+
+
 def test_leaving_a_stream_aborts_and_frees_blocks(aengine):
     async def main():
         stream = await aengine.add_request("The capital of France is", LONG)
@@ -126,6 +170,8 @@ def test_bad_input_raises_and_others_go_on(aengine, offline, llm):
             with pytest.raises(ValueError) as e:
                 await aengine.add_request(prompt, GREEDY)
             errors.append(str(e.value))
+        with pytest.raises(ValueError, match="empty"):  # a group is refused as a whole
+            await aengine.add_request("", [GREEDY, GREEDY])
         stream = await aengine.add_request("Paris", GREEDY, request_id="dup")
         with pytest.raises(ValueError, match="already running"):
             await aengine.add_request("Paris", GREEDY, request_id="dup")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tetrispec.engine.llm_engine import LLMEngine
+from tetrispec.engine.logprobs import TokenLogprob
 from tetrispec.engine.sequence import Sequence
 from tetrispec.sampling_params import SamplingParams
 from tetrispec.spec.stats import SpecStats
@@ -31,8 +32,8 @@ class EngineClosedError(RuntimeError):
 
 @dataclass
 class RequestDelta:
-    """What one engine step added to one request. Text and token ids are new since the last
-    delta, so a stream is the concatenation of its deltas; counts are cumulative."""
+    """What one engine step added to one request. Text, token ids and logprobs are new since the
+    last delta, so a stream is the concatenation of its deltas; counts are cumulative."""
 
     request_id: str
     text: str
@@ -45,8 +46,15 @@ class RequestDelta:
     first_token_time: float | None
     time: float  # when the step that produced this delta ended
     prev_time: float | None  # the previous delta's time; None on the first (inter-token latency)
-    spec: dict | None = None  # the request's SpecStats.summary(), on the final delta
+    stats: SpecStats | None = None  # a copy of the request's SpecStats, on the final delta
     error: str | None = None  # set when finish_reason is "error"
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when SamplingParams.logprobs is set
+    index: int = 0  # the request's place in its group (add_request with a list of params)
+
+    @property
+    def spec(self) -> dict | None:
+        """The request's speculation statistics (SpecStats.summary()), on the final delta."""
+        return None if self.stats is None else self.stats.summary()
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     added: asyncio.Future  # resolves to the prompt's token count, or to add_request's error
+    index: int = 0
     seq: Sequence | None = None
     sent_chars: int = 0
     sent_tokens: int = 0
@@ -87,15 +96,23 @@ class _Request:
 
 
 class RequestStream:
-    """Async iterator over one request's deltas. Leaving it early (break, an exception, a
-    cancelled task, `abort()`) aborts the request so its KV blocks are freed at once."""
+    """Async iterator over the deltas of one request, or of a group of them (interleaved as the
+    steps produce them; delta.index says whose). It ends when every request finished. Leaving
+    it early (break, an exception, a cancelled task, `abort()`) aborts the requests still
+    running so their KV blocks are freed at once."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue, num_prompt_tokens: int) -> None:
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue, num_prompt_tokens: int,
+                 request_ids: list[str] | None = None) -> None:
         self.engine = engine
         self.request_id = request_id
+        self.request_ids = request_ids or [request_id]
         self.num_prompt_tokens = num_prompt_tokens
-        self.finished = False
+        self._running = set(range(len(self.request_ids)))  # indexes not yet finished
         self._queue = queue
+
+    @property
+    def finished(self) -> bool:
+        return not self._running
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -108,19 +125,27 @@ class RequestStream:
         except BaseException:  # cancelled: the caller is gone
             self.abort()
             raise
-        self.finished = delta.finished
+        if delta.finished:
+            self._running.discard(delta.index)
         return delta
 
     def abort(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self.engine.abort(self.request_id)
+        for i in sorted(self._running):
+            self.engine.abort(self.request_ids[i])
+        self._running.clear()
 
     async def __aenter__(self) -> RequestStream:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.abort()
+
+
+def _copy_stats(stats: SpecStats) -> SpecStats:
+    """A copy the event loop may read while the engine thread goes on."""
+    out = SpecStats()
+    out.merge(stats)
+    return out
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, fn: Callable, *args: object) -> None:
@@ -175,27 +200,40 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     # ---- requests (any thread; add_request from a coroutine) ---------------------------------
-    async def add_request(self, prompt: str | list[int], params: SamplingParams,
+    async def add_request(self, prompt: str | list[int], params: SamplingParams | list[SamplingParams],
                           request_id: str | None = None) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it.
 
-        Raises ValueError for input the engine rejects (empty prompt, too long, bad token
-        ids) and EngineClosedError while shutting down.
+        A list of params is a group (OpenAI's `n`): one engine request per entry, ids
+        `<request_id>-<i>`, all on one stream; the engine takes them in one go, and refuses or
+        accepts them together. Raises ValueError for input the engine rejects (empty prompt,
+        too long, bad token ids) and EngineClosedError while shutting down.
         """
         loop = asyncio.get_running_loop()
-        req = _Request(request_id or uuid.uuid4().hex, prompt, params, loop, asyncio.Queue(), loop.create_future())
+        request_id = request_id or uuid.uuid4().hex
+        group = params if isinstance(params, list) else [params]
+        ids = [request_id] if not isinstance(params, list) else [f"{request_id}-{i}" for i in range(len(group))]
+        queue: asyncio.Queue = asyncio.Queue()
+        reqs = [_Request(rid, prompt, p, loop, queue, loop.create_future(), index=i)
+                for i, (rid, p) in enumerate(zip(ids, group))]
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the engine is shutting down")
-            self._commands.append(("add", req))
-            self._num_pending += 1
+            self._commands.extend(("add", req) for req in reqs)
+            self._num_pending += len(reqs)
             self._cond.notify()
         try:
-            num_prompt_tokens = await req.added
+            results = await asyncio.gather(*(req.added for req in reqs), return_exceptions=True)
         except asyncio.CancelledError:
-            self.abort(req.request_id)
+            for rid in ids:
+                self.abort(rid)
             raise
-        return RequestStream(self, req.request_id, req.queue, num_prompt_tokens)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for rid in ids:  # the ones that were added
+                self.abort(rid)
+            raise errors[0]
+        return RequestStream(self, request_id, queue, results[0], ids)
 
     def abort(self, request_id: str) -> None:
         with self._cond:
@@ -312,8 +350,10 @@ class AsyncEngine:
             first_token_time=seq.first_token_time,
             time=now,
             prev_time=req.last_time,
-            spec=seq.spec.summary() if finished else None,
+            stats=_copy_stats(seq.spec) if finished else None,
             error=error,
+            logprobs=seq.logprobs[req.sent_tokens :] if seq.params.logprobs is not None else None,
+            index=req.index,
         )
         req.sent_chars, req.sent_tokens, req.last_time = max(req.sent_chars, end), seq.num_output_tokens, now
         if finished:
