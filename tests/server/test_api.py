@@ -25,10 +25,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tetrispec import LLM, SamplingParams
 from tetrispec.engine.async_engine import AsyncEngine
-from tetrispec.server.api import build_app
+from tetrispec.server.api import build_app, choice_params
 
 NAME = "smollm2-test"
 MAX_TOKENS = 8
+LOGPROBS = 3
 SUBJECTS = ["France", "Japan", "the ocean", "a cat", "Python", "music", "the moon", "winter"]
 STEMS = ["Tell me about {}.", "Write one sentence about {}:", "Q: What do you know about {}?\nA:",
          "Here is a fact about {}:"]
@@ -73,8 +74,11 @@ def llm() -> LLM:
 def refs(llm) -> dict:
     """Offline greedy outputs, computed before the engine is handed to the server thread."""
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    with_logprobs = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=LOGPROBS)
     return {"completions": [o.text for o in llm.generate(PROMPTS, greedy, use_tqdm=False)],
-            "chat": llm.chat(CHAT, greedy, use_tqdm=False)[0].text}
+            "chat": llm.chat(CHAT, greedy, use_tqdm=False)[0].text,
+            "logprobs": llm.generate(PROMPTS[0], with_logprobs, use_tqdm=False)[0].logprobs,
+            "chat_logprobs": llm.chat(CHAT, with_logprobs, use_tqdm=False)[0].logprobs}
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +190,124 @@ def test_32_concurrent_requests_match_offline(server, refs):
     assert max(running) > 8, "concurrent requests must share engine steps"
 
 
+# ---- logprobs -------------------------------------------------------------------------------
+def token_text(llm, token_id: int) -> str:
+    return llm.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def test_completion_logprobs(client, llm, refs):
+    """The engine's (target) logprobs in OpenAI's completions shape, streamed or not."""
+    ref = refs["logprobs"]
+    resp = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                     logprobs=LOGPROBS)
+    lp = resp.choices[0].logprobs
+    assert resp.choices[0].text == refs["completions"][0]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == resp.usage.completion_tokens
+    assert lp.tokens == [token_text(llm, e.token_id) for e in ref]
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in ref], abs=1e-3)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for token, logprob, top, entry in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, ref):
+        # the LOGPROBS most likely tokens (the sampled one among them: greedy) and their target logprobs
+        assert top == pytest.approx({token_text(llm, t): v for t, v in entry.top}, abs=1e-3)
+        assert len(top) == LOGPROBS and top[token] == logprob == max(top.values())
+    assert "".join(lp.tokens) == resp.choices[0].text
+
+    chunks = list(client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                            logprobs=LOGPROBS, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert len(streamed) > 1, "logprobs must arrive with their tokens, chunk by chunk"
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset  # offsets run on across chunks
+    assert [v for s in streamed for v in s.token_logprobs] == pytest.approx(lp.token_logprobs, abs=1e-3)
+
+    sampled = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=MAX_TOKENS, logprobs=0, seed=3)
+    lp = sampled.choices[0].logprobs  # logprobs=0: just the sampled token
+    assert all(top == {t: v} for t, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs))
+    assert all(v <= 0 for v in lp.token_logprobs) and len(lp.tokens) == sampled.usage.completion_tokens
+
+
+def test_chat_logprobs(client, llm, refs):
+    ref = refs["chat_logprobs"]
+    resp = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens == len(ref)
+    for item, entry in zip(content, ref):
+        assert item.token == token_text(llm, entry.token_id) and item.bytes == list(item.token.encode())
+        assert item.logprob == pytest.approx(entry.logprob, abs=1e-3)
+        assert [t.token for t in item.top_logprobs] == [token_text(llm, t) for t, _ in entry.top[:2]]
+        assert [t.logprob for t in item.top_logprobs] == sorted((t.logprob for t in item.top_logprobs), reverse=True)
+        assert item.top_logprobs[0].token == item.token and item.top_logprobs[0].logprob == item.logprob  # greedy
+
+    chunks = list(client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
+                                                 logprobs=True, stream=True))
+    streamed = [item for c in chunks if c.choices and c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    assert [i.token for i in streamed] == [i.token for i in content]
+    assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in content], abs=1e-3)
+    assert all(i.top_logprobs == [] for i in streamed)  # top_logprobs defaults to 0
+
+    plain = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+# ---- n choices -------------------------------------------------------------------------------
+def test_n_choices(client, refs):
+    args = dict(model=NAME, prompt=PROMPTS[2], max_tokens=MAX_TOKENS, temperature=1.0, seed=11, logprobs=0)
+    resp = client.completions.create(n=4, **args)
+    assert [c.index for c in resp.choices] == [0, 1, 2, 3]
+    texts = [c.text for c in resp.choices]
+    assert len(set(texts)) > 1, "seeded choices must be samples of their own, not copies"
+    one = client.completions.create(**args)
+    assert resp.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
+    assert resp.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in resp.choices)
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert [c.text for c in client.completions.create(n=4, **args).choices] == texts  # reproducible
+    # choice i samples as a single request seeded seed + i
+    assert [client.completions.create(**{**args, "seed": 11 + i}).choices[0].text for i in (0, 2)] == texts[::2]
+
+    greedy = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, n=2)
+    assert [c.text for c in greedy.choices] == [refs["completions"][0]] * 2
+
+    chat = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=MAX_TOKENS, n=3, seed=5,
+                                          logprobs=True)
+    assert [c.index for c in chat.choices] == [0, 1, 2] and len({c.message.content for c in chat.choices}) > 1
+    assert chat.usage.completion_tokens == sum(len(c.logprobs.content) for c in chat.choices)
+    assert all(c.finish_reason in ("stop", "length") and c.message.role == "assistant" for c in chat.choices)
+
+
+def test_n_choices_streamed(client):
+    args = dict(model=NAME, prompt=PROMPTS[3], max_tokens=MAX_TOKENS, temperature=1.0, seed=21)
+    whole = client.completions.create(n=3, **args)
+    chunks = list(client.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **args))
+    texts, finished = ["", "", ""], []
+    for c in chunks[:-1]:
+        assert len(c.choices) == 1 and c.usage is None
+        texts[c.choices[0].index] += c.choices[0].text
+        if c.choices[0].finish_reason:
+            finished.append(c.choices[0].index)
+    assert sorted(finished) == [0, 1, 2]  # one final chunk per choice
+    assert texts == [c.text for c in whole.choices]
+    indexes = [c.choices[0].index for c in chunks[:-1]]
+    assert any(a != b for a, b in zip(indexes, indexes[1:])) and indexes != sorted(indexes), "choices interleave"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+    chat = list(client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=4, n=2, stream=True,
+                                               temperature=0))
+    assert sorted(c.choices[0].index for c in chat if c.choices[0].delta.role == "assistant") == [0, 1]
+    contents = ["", ""]
+    for c in chat:
+        contents[c.choices[0].index] += c.choices[0].delta.content or ""
+    assert contents[0] == contents[1] and sum(bool(c.choices[0].finish_reason) for c in chat) == 2
+
+
+def test_choice_seeds_stay_in_range():
+    top = SamplingParams(seed=2**64 - 1)
+    assert [p.seed for p in choice_params(top, 3)] == [2**64 - 1, -(2**63), -(2**63) + 1]
+    assert [p.seed for p in choice_params(SamplingParams(seed=-5), 2)] == [-5, -4]
+    assert choice_params(SamplingParams(), 2) == [SamplingParams()] * 2
+
+
 # ---- bad input ------------------------------------------------------------------------------
 BAD = [
     ("completions", '{"prompt": "x", "max_tokens": ', None),  # malformed JSON
@@ -200,7 +322,10 @@ BAD = [
     ("completions", {"prompt": "x", "top_p": 0}, "top_p"),
     ("completions", {"prompt": "x", "top_k": -5}, "top_k"),
     ("completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ("completions", {"prompt": "x", "n": 2}, "n"),
+    ("completions", {"prompt": "x", "n": 0}, "n"),
+    ("completions", {"prompt": "x", "n": 129}, "n"),
+    ("completions", {"prompt": "x", "n": "2"}, "n"),
+    ("chat/completions", {"messages": CHAT, "n": -1}, "n"),
     ("completions", {"prompt": ""}, "prompt"),
     ("completions", {"prompt": []}, "prompt"),
     ("completions", {"prompt": "hello " * 2100}, "prompt"),
@@ -208,7 +333,10 @@ BAD = [
     ("completions", {"prompt": ["a", "b"]}, "prompt"),
     ("chat/completions", {"messages": "hi"}, "messages"),
     ("chat/completions", {"messages": [{"content": "no role"}]}, "messages"),
-    ("completions", {"prompt": "x", "logprobs": 3}, "logprobs"),
+    ("completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+    ("completions", {"prompt": "x", "logprobs": True}, "logprobs"),
+    ("chat/completions", {"messages": CHAT, "logprobs": 3}, "logprobs"),
+    ("chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ("completions", {"prompt": "x", "echo": True}, "echo"),
     ("chat/completions", {"messages": []}, "messages"),
     ("chat/completions", {"messages": CHAT, "max_completion_tokens": -3}, "max_completion_tokens"),
@@ -222,10 +350,9 @@ BAD = [
     ("completions", {"prompt": [1] * 2000, "max_tokens": 100}, "max_tokens"),
     ("chat/completions", {"messages": CHAT, "max_completion_tokens": 2048}, "max_completion_tokens"),
     # OpenAI features that used to be silently ignored
-    ("completions", {"prompt": "x", "logprobs": 0}, "logprobs"),
     ("completions", {"prompt": "x", "logit_bias": {"50": -100}}, "logit_bias"),
     ("completions", {"prompt": "x", "suffix": "end"}, "suffix"),
-    ("chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),
+    ("chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ("chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
     ("chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("chat/completions", {"messages": CHAT, "tool_choice": "required"}, "tool_choice"),
@@ -320,6 +447,37 @@ def test_disconnect_while_waiting_for_a_full_response(server):
         httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
     wait_until(lambda: blocks_free(server))
     assert server.engine.block_manager.num_free == server.engine.block_manager.num_blocks
+
+
+def test_disconnect_aborts_every_choice(server):
+    before = metrics(server.url).get('vllm:request_success_total{finished_reason="abort"}', 0.0)
+    body = {"model": NAME, "prompt": PROMPTS[7], "max_tokens": 1500, "ignore_eos": True, "stream": True, "n": 3}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as resp:
+        lines = resp.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        wait_until(lambda: server.aengine.snapshot.num_running == 3)
+    wait_until(lambda: blocks_free(server))
+    assert metrics(server.url)['vllm:request_success_total{finished_reason="abort"}'] == before + 3
+
+
+def test_engine_error_fails_every_choice(server):
+    engine, real_step, calls = server.engine, server.engine.step, []
+
+    def failing_step():
+        if engine.scheduler.running and not calls:
+            calls.append(1)
+            raise RuntimeError("injected fault")
+        return real_step()
+
+    engine.step = failing_step
+    try:
+        resp = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                          json={"model": NAME, "prompt": PROMPTS[6], "max_tokens": 50, "n": 2})
+    finally:
+        del engine.step
+    assert resp.status_code == 500 and resp.json()["error"]["code"] == "engine_error"
+    assert "injected fault" in resp.json()["error"]["message"]
+    wait_until(lambda: blocks_free(server))
 
 
 # ---- metrics ----------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ Every error is OpenAI's body, {"error": {"message", "type", "param", "code"}}, s
 clients raise their usual exceptions: bad input (FastAPI's validation errors included) is a
 400 that touches no other request, a wrong key a 401, a full waiting queue a 503. Handlers
 only queue work; the engine thread does it, and a client that goes away aborts its request.
+A request for n choices is n engine requests on one stream (AsyncEngine.add_request with a
+list of params): they batch like any others, and end together on an abort or an error.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
 
 import jinja2
 from fastapi import FastAPI, Request
@@ -25,8 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tetrispec.engine.async_engine import AsyncEngine, EngineClosedError, RequestDelta, RequestStream
+from tetrispec.engine.logprobs import TokenLogprob
+from tetrispec.sampling_params import SEED_RANGE, SamplingParams
+from tetrispec.server.logprobs import LogprobFormatter
 from tetrispec.server.metrics import ServerMetrics
 from tetrispec.server.protocol import (
+    MAX_N,
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -45,6 +52,7 @@ from tetrispec.server.protocol import (
     SamplingRequest,
     UsageInfo,
 )
+from tetrispec.spec.stats import SpecStats
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "not_found_error",
                405: "invalid_request_error", 503: "server_overloaded"}
@@ -108,12 +116,22 @@ def _sse(payload: str) -> str:
     return f"data: {payload}\n\n"
 
 
+def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """The params of n choices. With a seed, choice i samples with seed + i (wrapped into the seed
+    range): a seeded request stays reproducible, yet its choices are not copies of one sample."""
+    if params.seed is None:
+        return [params] * n
+    span = SEED_RANGE[1] - SEED_RANGE[0] + 1
+    return [replace(params, seed=(params.seed + i - SEED_RANGE[0]) % span + SEED_RANGE[0]) for i in range(n)]
+
+
 def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
               max_waiting_requests: int | None = None) -> FastAPI:
     """An app over a started AsyncEngine. The caller owns the engine's lifecycle (start, then
     shutdown after the server stopped), so several apps may share one engine."""
     engine = async_engine.engine
     tokenizer = engine.tokenizer
+    formatter = LogprobFormatter(tokenizer)
     metrics = ServerMetrics(async_engine, served_model_name)
     app = FastAPI(title="tetrispec", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.async_engine = async_engine
@@ -165,18 +183,18 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     # ---- generation -------------------------------------------------------------------------
-    def sampling_params(body: SamplingRequest, max_tokens: int | None, max_tokens_param: str):
+    def sampling_params(body: SamplingRequest, max_tokens: int | None, max_tokens_param: str) -> SamplingParams:
         if body.model is not None and body.model != served_model_name:
             raise APIError(400, f"model {body.model!r} does not exist; this server serves {served_model_name!r}",
                            "model", "model_not_found")
-        if body.n != 1 and body.n is not None:
-            raise APIError(400, f"n must be 1 (one choice per request), got {body.n}", "n")
-        if (field := body.unsupported()) is not None:
-            raise APIError(400, f"{field} is not supported by this server", field)
+        if body.n is not None and not 1 <= body.n <= MAX_N:
+            raise APIError(400, f"n must be an integer in [1, {MAX_N}], got {body.n}", "n")
+        if (name := body.unsupported()) is not None:
+            raise APIError(400, f"{name} is not supported by this server", name)
         try:
             return body.sampling_params(max_tokens)
         except ValueError as e:
-            param = _param_of(e, tuple(SamplingRequest.model_fields))
+            param = _param_of(e, tuple(type(body).model_fields))
             raise APIError(400, str(e), max_tokens_param if param == "max_tokens" else param) from None
 
     def check_fits(num_prompt_tokens: int, max_tokens: int | None, max_tokens_param: str) -> None:
@@ -196,8 +214,9 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         if max_waiting_requests is not None and async_engine.num_waiting() >= max_waiting_requests:
             raise APIError(503, f"the server is busy: {max_waiting_requests} requests are already waiting; "
                            "retry later", code="queue_full")
+        n = body.n or 1
         try:
-            return await async_engine.add_request(prompt, params, request_id)
+            return await async_engine.add_request(prompt, params if n == 1 else choice_params(params, n), request_id)
         except ValueError as e:
             raise APIError(400, str(e), prompt_param) from None
         except EngineClosedError as e:
@@ -216,20 +235,27 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         request_id = f"cmpl-{uuid.uuid4().hex}"
         stream = await submit(ids, body, body.max_tokens, "prompt", request_id)
         created = int(time.time())
+        offsets = [0] * len(stream.request_ids)  # text_offset of each choice's next token
 
-        def chunk(text: str, finish_reason: str | None = None, spec: dict | None = None,
-                  usage: UsageInfo | None = None, choices: bool = True) -> str:
-            items = [CompletionChoice(text=text, finish_reason=finish_reason)] if choices else []
-            return CompletionChunk(id=request_id, created=created, model=served_model_name, choices=items,
+        def choice(index: int, text: str, logprobs: list[TokenLogprob] | None,
+                   finish_reason: str | None = None) -> CompletionChoice:
+            formatted = None
+            if logprobs is not None:
+                formatted = formatter.completion(logprobs, offsets[index])
+                offsets[index] += sum(len(t) for t in formatted.tokens)
+            return CompletionChoice(index=index, text=text, logprobs=formatted, finish_reason=finish_reason)
+
+        def chunk(choices: list[CompletionChoice], spec: dict | None = None, usage: UsageInfo | None = None) -> str:
+            return CompletionChunk(id=request_id, created=created, model=served_model_name, choices=choices,
                                    usage=usage, spec_stats=spec).model_dump_json(exclude_none=True)
 
         if body.stream:
-            return _stream(stream, body.include_usage, chunk, first=None)
-        text, last = await _collect(request, stream)
+            return _stream(stream, body.include_usage, choice, chunk)
+        choices = await _collect(request, stream)
         return JSONResponse(CompletionResponse(
             id=request_id, created=created, model=served_model_name,
-            choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
-            usage=_usage(last), spec_stats=last.spec,
+            choices=[choice(i, c.text, c.logprobs, c.last.finish_reason) for i, c in enumerate(choices)],
+            usage=_usage(choices), spec_stats=_spec(choices),
         ).model_dump())
 
     @app.post("/v1/chat/completions")
@@ -258,28 +284,58 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
                               "max_completion_tokens" if newer else "max_tokens")
         created = int(time.time())
 
-        def chunk(text: str | None, finish_reason: str | None = None, spec: dict | None = None,
-                  usage: UsageInfo | None = None, choices: bool = True, role: str | None = None) -> str:
-            items = [ChatStreamChoice(delta=DeltaMessage(role=role, content=text), finish_reason=finish_reason)]
-            return ChatCompletionChunk(id=request_id, created=created, model=served_model_name,
-                                       choices=items if choices else [], usage=usage,
-                                       spec_stats=spec).model_dump_json(exclude_none=True)
+        def stream_choice(index: int, text: str, logprobs: list[TokenLogprob] | None,
+                          finish_reason: str | None = None, role: str | None = None) -> ChatStreamChoice:
+            return ChatStreamChoice(index=index, delta=DeltaMessage(role=role, content=text),
+                                    logprobs=None if logprobs is None else formatter.chat(logprobs),
+                                    finish_reason=finish_reason)
+
+        def chunk(choices: list[ChatStreamChoice], spec: dict | None = None, usage: UsageInfo | None = None) -> str:
+            return ChatCompletionChunk(id=request_id, created=created, model=served_model_name, choices=choices,
+                                       usage=usage, spec_stats=spec).model_dump_json(exclude_none=True)
 
         if body.stream:
-            return _stream(stream, body.include_usage, chunk, first=chunk("", role="assistant"))
-        text, last = await _collect(request, stream)
+            first = [chunk([stream_choice(i, "", None, role="assistant")]) for i in range(len(stream.request_ids))]
+            return _stream(stream, body.include_usage, stream_choice, chunk, first)
+        choices = await _collect(request, stream)
         return JSONResponse(ChatCompletionResponse(
             id=request_id, created=created, model=served_model_name,
-            choices=[ChatChoice(message=ChatResponseMessage(content=text), finish_reason=last.finish_reason)],
-            usage=_usage(last), spec_stats=last.spec,
+            choices=[ChatChoice(index=i, message=ChatResponseMessage(content=c.text),
+                                logprobs=None if c.logprobs is None else formatter.chat(c.logprobs),
+                                finish_reason=c.last.finish_reason) for i, c in enumerate(choices)],
+            usage=_usage(choices), spec_stats=_spec(choices),
         ).model_dump())
 
     return app
 
 
-def _usage(delta: RequestDelta) -> UsageInfo:
-    return UsageInfo(prompt_tokens=delta.num_prompt_tokens, completion_tokens=delta.num_output_tokens,
-                     total_tokens=delta.num_prompt_tokens + delta.num_output_tokens)
+@dataclass
+class _Choice:
+    """One choice's whole output, gathered from its deltas."""
+
+    parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    last: RequestDelta | None = None  # its final delta
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def _usage(choices: list[_Choice]) -> UsageInfo:
+    """The prompt counted once (every choice reads the same one), completion tokens summed, as OpenAI."""
+    prompt = choices[0].last.num_prompt_tokens
+    completion = sum(c.last.num_output_tokens for c in choices)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _spec(choices: list[_Choice]) -> dict:
+    """The request's spec_stats: its choices' speculation statistics summed."""
+    total = SpecStats()
+    for c in choices:
+        if c.last.stats is not None:
+            total.merge(c.last.stats)
+    return total.summary()
 
 
 def _stream_error(delta: RequestDelta) -> str:
@@ -287,26 +343,32 @@ def _stream_error(delta: RequestDelta) -> str:
     return json.dumps(ErrorResponse(error=error).model_dump())
 
 
-def _stream(stream: RequestStream, include_usage: bool, chunk: Callable[..., str],
-            first: str | None) -> StreamingResponse:
-    """Server-sent events: a chunk per step with new text, the finish reason and this request's
-    spec_stats on the last one, then usage (when asked for) and `data: [DONE]`. Starlette cancels
-    the generator when the client disconnects; leaving it aborts the request."""
+def _stream(stream: RequestStream, include_usage: bool, choice: Callable[..., object], chunk: Callable[..., str],
+            first: list[str] | None = None) -> StreamingResponse:
+    """Server-sent events: a chunk per choice and step with new text or logprobs (choices
+    interleave, each chunk naming its index), the finish reason and that choice's spec_stats on
+    its last one; once every choice finished, usage (when asked for) and `data: [DONE]`.
+    Starlette cancels the generator when the client disconnects; leaving it aborts every choice."""
 
     async def events() -> AsyncIterator[str]:
         async with stream:
-            if first is not None:
-                yield _sse(first)
+            for line in first or []:
+                yield _sse(line)
+            finals: dict[int, _Choice] = {}
             async for delta in stream:
                 if delta.error is not None:
                     yield _sse(_stream_error(delta))
                     break
                 if delta.finished:
-                    yield _sse(chunk(delta.text, delta.finish_reason, delta.spec))
-                    if include_usage:
-                        yield _sse(chunk("", usage=_usage(delta), spec=delta.spec, choices=False))
-                elif delta.text:
-                    yield _sse(chunk(delta.text))
+                    finals[delta.index] = _Choice(last=delta)
+                    yield _sse(chunk([choice(delta.index, delta.text, delta.logprobs, delta.finish_reason)],
+                                     spec=delta.spec))
+                elif delta.text or delta.logprobs:
+                    yield _sse(chunk([choice(delta.index, delta.text, delta.logprobs)]))
+            else:
+                if include_usage:
+                    done = [finals[i] for i in sorted(finals)]
+                    yield _sse(chunk([], spec=_spec(done), usage=_usage(done)))
             yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",
@@ -318,15 +380,22 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def _collect(request: Request, stream: RequestStream) -> tuple[str, RequestDelta]:
-    """The whole text of a non-streamed request, aborting it if the client leaves first."""
+async def _collect(request: Request, stream: RequestStream) -> list[_Choice]:
+    """Every choice of a non-streamed request, whole, aborting them all if the client leaves first
+    or one of them fails."""
 
-    async def consume() -> tuple[str, RequestDelta]:
-        parts, last = [], None
+    async def consume() -> list[_Choice]:
+        choices = [_Choice() for _ in stream.request_ids]
         async for delta in stream:
-            parts.append(delta.text)
-            last = delta
-        return "".join(parts), last
+            if delta.error is not None:
+                raise APIError(500, delta.error, code="engine_error")
+            c = choices[delta.index]
+            c.parts.append(delta.text)
+            if delta.logprobs is not None:
+                c.logprobs = c.logprobs or []
+                c.logprobs.extend(delta.logprobs)
+            c.last = delta
+        return choices
 
     async with stream:
         work = asyncio.ensure_future(consume())
@@ -339,7 +408,4 @@ async def _collect(request: Request, stream: RequestStream) -> tuple[str, Reques
                 work.cancel()
         if not work.done() or work.cancelled():
             raise APIError(499, "client disconnected")
-        text, last = work.result()
-    if last.error is not None:
-        raise APIError(500, last.error, code="engine_error")
-    return text, last
+        return work.result()

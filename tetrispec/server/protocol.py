@@ -14,7 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tetrispec.sampling_params import SamplingParams
+from tetrispec.sampling_params import MAX_LOGPROBS, SamplingParams
+
+MAX_N = 128  # choices per request: each is an engine request of its own
 
 
 class StrictModel(BaseModel):
@@ -30,7 +32,7 @@ class SamplingRequest(StrictModel):
     """Fields shared by /v1/completions and /v1/chat/completions. None means the default."""
 
     model: str | None = None
-    n: int | None = 1
+    n: int | None = 1  # choices (1..MAX_N), each an engine request of its own
     max_tokens: int | None = None
     temperature: float | None = None  # OpenAI's default: 1
     top_p: float | None = None
@@ -41,23 +43,24 @@ class SamplingRequest(StrictModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logprobs: bool | int | None = None  # completions: alternatives per token (an int); chat: on or off
     # Accepted so that their defaults pass; other values are refused, not silently ignored.
-    logprobs: bool | int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: Any = None
 
     def unsupported(self) -> str | None:
-        """The first field set to something tetrispec cannot do, or None. `logprobs: 0` asks for
-        the sampled tokens' log-probabilities on /v1/completions, so only null and false pass."""
-        if self.logprobs is not None and self.logprobs is not False:
-            return "logprobs"
+        """The first field set to something tetrispec cannot do, or None."""
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0):
                 return name
         if self.logit_bias:
             return "logit_bias"
         return None
+
+    def num_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: alternatives per token, None when off (each route spells it its way)."""
+        raise NotImplementedError
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         """Raises ValueError naming the offending field first (e.g. 'top_p must be ...')."""
@@ -66,7 +69,7 @@ class SamplingRequest(StrictModel):
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,
             seed=self.seed, max_tokens=max_tokens, stop=self.stop,
-            stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
+            stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos, logprobs=self.num_logprobs(),
         )
 
     @property
@@ -75,7 +78,7 @@ class SamplingRequest(StrictModel):
 
 
 class CompletionRequest(SamplingRequest):
-    # OpenAI also accepts a batch of prompts; tetrispec serves one per request (n=1).
+    # OpenAI also accepts a batch of prompts; tetrispec serves one per request.
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     echo: bool = False
@@ -91,6 +94,14 @@ class CompletionRequest(SamplingRequest):
             return "suffix"
         return super().unsupported()
 
+    def num_logprobs(self) -> int | None:
+        """`logprobs: k` (0 included: the sampled tokens' own) turns them on; null and false leave them off."""
+        if self.logprobs is None or self.logprobs is False:
+            return None
+        if self.logprobs is True or not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        return self.logprobs
+
 
 class ContentPart(StrictModel):
     type: str
@@ -105,8 +116,8 @@ class ChatMessage(StrictModel):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+    top_logprobs: int | None = None  # alternatives per token, with logprobs: true
     # OpenAI features tetrispec lacks, typed loosely: any value but the "off" ones is refused.
-    top_logprobs: Any = None
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -116,8 +127,6 @@ class ChatCompletionRequest(SamplingRequest):
     def unsupported(self) -> str | None:
         """Clients send the "off" values (`tool_choice: "none"`, `response_format: {"type":
         "text"}`, empty lists) freely; anything asking for the feature would be silently ignored."""
-        if self.top_logprobs:
-            return "top_logprobs"
         if self.response_format not in (None, {"type": "text"}):
             return "response_format"
         for name in ("tools", "functions"):
@@ -128,6 +137,19 @@ class ChatCompletionRequest(SamplingRequest):
         if self.function_call not in (None, "none", "auto"):
             return "function_call"
         return super().unsupported()
+
+    def num_logprobs(self) -> int | None:
+        """`logprobs: true` turns them on, with `top_logprobs` alternatives (default 0), as OpenAI."""
+        if self.logprobs is not None and not isinstance(self.logprobs, bool):
+            raise ValueError(f"logprobs must be true or false here (top_logprobs sets how many alternatives), "
+                             f"got {self.logprobs!r}")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise ValueError("top_logprobs needs logprobs: true")
+            return None
+        return self.top_logprobs or 0
 
 
 # ---- responses --------------------------------------------------------------------------
@@ -141,10 +163,17 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]  # per token: the most likely alternatives and the sampled token
+    text_offset: list[int]  # where each token starts in the choice's text (as its tokens decode)
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -163,10 +192,24 @@ class ChatResponseMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the most likely alternatives, most likely first
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -188,6 +231,7 @@ class DeltaMessage(BaseModel):
 class ChatStreamChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
