@@ -88,6 +88,19 @@ def test_logprobs_leave_tokens_unchanged_and_are_off_by_default(tiny_pair):
     assert a.token_ids == b.token_ids and all(e.top == [] for e in b.logprobs)
 
 
+@pytest.mark.parametrize("method", ["none", "fixed"])
+def test_greedy_batches_without_logprobs_skip_full_logits(tiny_pair, monkeypatch, method):
+    """The argmax-only fast path (forward_greedy) stays when no request asks; one that asks leaves it."""
+    draft = {} if method == "none" else dict(speculative_model=tiny_pair[1], num_speculative_tokens=2)
+    llm = LLM(tiny_pair[0], spec_method=method, **draft)
+    forward, calls = llm.engine.target.forward, []
+    monkeypatch.setattr(llm.engine.target, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    llm.generate(mixed_prompts(4), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert calls == []
+    llm.generate(mixed_prompts(1), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0))
+    assert len(calls) == 12 if method == "none" else len(calls) > 0  # none: one forward per token
+
+
 def test_logprobs_stop_with_the_tokens(tiny_pair):
     """A stop token inside an accepted draft window ends the output; its logprobs end there too."""
     llm = LLM(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="fixed", num_speculative_tokens=4)
