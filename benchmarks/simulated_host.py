@@ -44,11 +44,16 @@ def main() -> None:
     ap.add_argument("--prompts-per-seq", type=int, default=3)
     ap.add_argument("--min-prompts", type=int, default=16)
     ap.add_argument("--max-output", type=int, default=48)
+    ap.add_argument("--calibration", default=None,
+                    help="auto starts from this persisted calibration (as in a sweep, where it carries over from "
+                         "lower concurrencies) instead of a fresh estimator")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     # a private copy: auto keeps its calibration beside the profile, and this run starts it fresh
     profile = Path(tempfile.mkdtemp()) / "profile.json"
     shutil.copyfile(args.profile, profile)
+    if args.calibration:
+        shutil.copyfile(args.calibration, profile.with_suffix(".calibration.json"))
     cost = CostModel.load(profile)
     tok = Tokenizer.from_path(default_target_path())
     rows = []

@@ -386,6 +386,20 @@ def test_verify_prices_follow_the_target_runners_row_padding():
     assert capacity <= 1 or capacity == 8
 
 
+def test_a_verify_that_ran_at_its_padded_price_teaches_no_correction():
+    """A 13-token verify at batch 8 that took what 16 tokens take is on the profile: compared with the
+    unpadded 13 instead, the padding showed up as a slow host and was then charged twice (prices pad)."""
+    model = cost(per_token=0.002, fixed=0.05, draft=0.006)
+    sel = AutoTetris(max_depth=2, cost=model)
+    sel.attach_cost_model(model, row_plan=tuple(range(10)) + (16,) * 7)
+    verify_t, draft_t = model.target_time(8, 16, 100.0), model.draft_time(8, 100.0)
+    for _ in range(9):
+        sel.observe_step(StepRecord(8, 13, 1, 100.0, verify_t + draft_t, draft_t))
+    assert sel.clock(8).ratio["verify"] == pytest.approx(1.0)
+    price = sel.prices(8, 100.0)
+    assert price.verify[5] == pytest.approx(verify_t)
+
+
 def test_a_fresh_range_learns_its_step_times_in_a_few_steps():
     model = cost(per_token=0.002, fixed=0.05, draft=0.006)
     sel = AutoTetris(max_depth=2, cost=model)

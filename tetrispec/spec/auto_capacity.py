@@ -350,18 +350,23 @@ class AutoTetris(Selector):
                 self._verify_lines, self._lines_cost = {}, self.cost
             line = self._verify_lines.get(batch_size)
             if line is None:  # the profiled target time is a straight line in the mean context
-                n = batch_size + np.arange(batch_size * self.max_depth + 1, dtype=np.float64)
                 # A short forward runs its big matmuls padded to the row count the CPU runs fastest
                 # (gemm_rows): at batch 8 here, 10 to 15 tokens cost what 16 do. The profile's grid
                 # interpolates between its knots and cannot see that; priced at the padded count, a
                 # capacity that lands in such a gap is seen to cost as much as filling it.
-                if self.row_plan:
-                    n = np.array([self.row_plan[int(t)] if t < len(self.row_plan) else t for t in n])
+                n = self._padded(batch_size + np.arange(batch_size * self.max_depth + 1))
                 at_zero = self.cost.target_time(batch_size, n, 0.0)
                 line = self._verify_lines[batch_size] = (at_zero, self.cost.target_time(batch_size, n, 1.0) - at_zero)
             verify = r["verify"] * np.maximum(line[0] + mean_len * line[1], 1e-6)
             self._prices = StepPrices(key, self.cost, r["draft"], mean_len, verify)
         return self._prices
+
+    def _padded(self, tokens: np.ndarray) -> np.ndarray:
+        """Token counts -> the row counts the target's matmuls run them at (see prices)."""
+        plan = self.row_plan
+        if not plan:
+            return tokens.astype(np.float64)
+        return np.array([plan[int(t)] if t < len(plan) else t for t in tokens], dtype=np.float64)
 
     def clock(self, batch_size: int) -> StepClock:
         """The StepClock of this batch size's range (powers of two). A range seen for the first time
@@ -492,7 +497,10 @@ class AutoTetris(Selector):
         current speed, not the profile's absolute ones (which made a fresh range's speculative
         steps look cheap next to plain steps measured on a slower machine). A separate draft
         catch-up (the draft reading a prompt, or the tokens of a pause in drafting) is left out
-        here: depth() prices it from the profile's per-token cost.
+        here: depth() prices it from the profile's per-token cost. A verify is compared with the
+        profile at the row count its matmuls ran at, as prices() charges it: compared with the bare
+        token count, row padding looked like a slow host and was charged twice (at batch 8, a
+        verify ratio of 1.30 where plain steps ran at 1.11, and drafting lost to plain decoding).
         """
         if self.cost is None:
             return
@@ -516,7 +524,7 @@ class AutoTetris(Selector):
         else:
             parts = [("draft", record.draft_seconds, record.depth * self.cost.draft_time(record.draft_rows or B, s)),
                      ("verify", record.seconds - record.draft_seconds - record.catch_up_seconds,
-                      self.cost.target_time(B, record.tokens, s))]
+                      self.cost.target_time(B, float(self._padded(np.array([record.tokens]))[0]), s))]
         source = "plain" if record.depth == 0 else "verify"
         before = r[source]
         for kind, measured, predicted in parts:
