@@ -14,6 +14,8 @@ MAX_TOP_K = 2**63 - 1
 MIN_SAMPLING_TEMPERATURE = 1e-5
 # Most alternatives per token SamplingParams.logprobs may ask for (OpenAI's top_logprobs limit, vLLM's default).
 MAX_LOGPROBS = 20
+# OpenAI's range for presence_penalty and frequency_penalty.
+PENALTY_RANGE = (-2.0, 2.0)
 
 
 @dataclass
@@ -29,6 +31,15 @@ class SamplingParams:
     # Target log-probabilities of each emitted token plus this many most likely alternatives;
     # None: off (nothing computed, greedy batches keep their argmax-only fast path).
     logprobs: int | None = None
+    # OpenAI's: subtracted from a token's logit once it appears in this request's output (presence)
+    # and once per appearance (frequency); negative values encourage repetition.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # vLLM's / Hugging Face's: logits of tokens in the prompt or the output so far are divided by it
+    # when positive and multiplied when negative; > 1 discourages repetition, 1 is off.
+    repetition_penalty: float = 1.0
+    # vLLM's: after temperature, tokens less likely than min_p times the most likely one are dropped.
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,7 +76,26 @@ class SamplingParams:
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        low, high = PENALTY_RANGE
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not low <= value <= high:
+                raise bad(name, value, f"a number in [{low:g}, {high:g}]")
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty < float("inf"):
+            raise bad("repetition_penalty", self.repetition_penalty, "a positive number (1 is off)")
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", self.min_p, "a number in [0, 1]")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether logits depend on the tokens seen so far (then greedy is no longer the raw argmax)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+def _is_number(value: object) -> bool:
+    """A real number, not a bool and not NaN (NaN fails every range check silently otherwise)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value

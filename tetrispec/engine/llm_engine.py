@@ -13,6 +13,7 @@ import torch
 from tetrispec.config import DEFAULT, EngineConfig, SpecConfig
 from tetrispec.engine.block_manager import BlockManager
 from tetrispec.engine.logprobs import TokenLogprob, token_logprobs
+from tetrispec.engine.penalties import apply_penalties
 from tetrispec.engine.sampler import draw_uniforms, logits_to_probs, sample
 from tetrispec.engine.scheduler import Scheduler
 from tetrispec.engine.sequence import Sequence, SequenceStatus
@@ -226,13 +227,14 @@ class LLMEngine:
                      ) -> tuple[list[int], list[list[TokenLogprob]] | None]:
         """One target forward, one sampled token per sequence, and its logprobs where asked for."""
         greedy = all(s.params.greedy for s in seqs)
-        if greedy and not _wants_logprobs(seqs):  # argmax only: no [B, V] tensors
+        if greedy and not _wants_logprobs(seqs) and not _has_penalties(seqs):  # argmax only: no [B, V] tensors
             return self.target.forward_greedy(items, "last", logprobs=False)[0].tolist(), None
-        logits = self.target.forward(items, "last")  # [B, V]
+        logits = self.target.forward(items, "last")  # [B, V] raw: what logprobs report
+        penalized = apply_penalties(logits, seqs)  # the logits itself when no request has penalties
         if greedy:
-            tokens = logits.argmax(-1).tolist()
+            tokens = penalized.argmax(-1).tolist()
         else:
-            probs = logits_to_probs(logits, [s.params for s in seqs])
+            probs = logits_to_probs(penalized, [s.params for s in seqs])
             tokens = sample(probs, draw_uniforms(seqs, 1, self.generator, probs.device).squeeze(1)).tolist()
         if not _wants_logprobs(seqs):
             return tokens, None
@@ -279,7 +281,7 @@ class LLMEngine:
         drafts = proposal.tokens.tolist()
         items = [ForwardItem([s.token_ids[-1]] + drafts[i][: verify_lens[i]], s.num_tokens - 1, s.block_table)
                  for i, s in enumerate(seqs)]
-        verdict, logits = self._verify(items, seqs, proposal, lengths, verify_lens, shadow)
+        verdict, logits = self._verify(items, seqs, proposal, drafts, lengths, verify_lens, shadow)
         emitted_tokens = [d[:a] + [t] for d, a, t in zip(drafts, verdict.num_accepted, verdict.next_tokens)]
         # the target's logprobs of those tokens, for requests that asked (not the drafts' `logprobs` above)
         emitted_logprobs = None if logits is None else _verified_logprobs(logits, seqs, verify_lens, emitted_tokens)
@@ -298,24 +300,26 @@ class LLMEngine:
         # what the method verifies (the shadow oracle's extra is measurement)
         return B + int(lengths.sum()), draft_seconds, proposal
 
-    def _verify(self, items: list[ForwardItem], seqs: list[Sequence], proposal, lengths: torch.Tensor,
-                verify_lens: list[int], oracle: bool) -> tuple[rejection_sampler.Verdict, torch.Tensor | None]:
+    def _verify(self, items: list[ForwardItem], seqs: list[Sequence], proposal, drafts: list[list[int]],
+                lengths: torch.Tensor, verify_lens: list[int], oracle: bool
+                ) -> tuple[rejection_sampler.Verdict, torch.Tensor | None]:
         """One ragged target forward over every request's last token and its verified drafts; also
-        returns its logits [sum(l_i + 1), V] when a request wants logprobs (else None)."""
+        returns its raw logits [sum(l_i + 1), V] when a request wants logprobs (else None)."""
         K = proposal.depth
         wants = _wants_logprobs(seqs)
         if proposal.probs is None:  # every request is greedy (see Proposal.probs)
-            logits = self.target.forward(items, "all") if wants else None  # what the logprobs need
-            if logits is not None:  # the same argmax rule, read off those logits
-                flat = logits.argmax(-1)  # [sum(l_i + 1)]
+            if wants or _has_penalties(seqs):  # the same argmax rule, read off full logits
+                logits = self.target.forward(items, "all")
+                flat = _penalize_verify(logits, seqs, drafts, verify_lens).argmax(-1)  # [sum(l_i + 1)]
             else:
-                flat, _ = self.target.forward_greedy(items, "all", logprobs=False)
+                logits, (flat, _) = None, self.target.forward_greedy(items, "all", logprobs=False)
             target = _pad_ragged(flat, verify_lens, K + 1)
             verdict = rejection_sampler.verify_greedy(target, proposal.tokens, lengths.to(target.device), oracle)
-            return verdict, logits
+            return verdict, logits if wants else None
         logits = self.target.forward(items, "all")  # [sum(l_i + 1), V]
         row_params = [s.params for s, n in zip(seqs, verify_lens) for _ in range(n + 1)]
-        p = _pad_ragged(logits_to_probs(logits, row_params), verify_lens, K + 1)
+        penalized = _penalize_verify(logits, seqs, drafts, verify_lens)
+        p = _pad_ragged(logits_to_probs(penalized, row_params), verify_lens, K + 1)
         u = draw_uniforms(seqs, K + 1, self.generator, p.device)  # K + 1 draws per step whatever l_i is
         verdict = rejection_sampler.verify(p, proposal.tokens, proposal.probs, lengths.to(p.device),
                                            u[:, :K], u[:, K], oracle=oracle)
@@ -391,6 +395,22 @@ class LLMEngine:
 
 def _wants_logprobs(seqs: list[Sequence]) -> bool:
     return any(s.params.logprobs is not None for s in seqs)
+
+
+def _has_penalties(seqs: list[Sequence]) -> bool:
+    return any(s.params.has_penalties for s in seqs)
+
+
+def _penalize_verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
+                     verify_lens: list[int]) -> torch.Tensor:
+    """Penalties on a verify forward's logits [sum(l_i + 1), V]: request i's row j follows its output
+    and its first j drafts, so those drafts count, as they would in plain decoding by then (row l_i
+    is the bonus position, after all of them)."""
+    if not _has_penalties(seqs):
+        return logits
+    row_seqs = [s for s, n in zip(seqs, verify_lens) for _ in range(n + 1)]
+    row_drafts = [d[:j] for d, n in zip(drafts, verify_lens) for j in range(n + 1)]
+    return apply_penalties(logits, row_seqs, row_drafts)
 
 
 def _verified_logprobs(logits: torch.Tensor, seqs: list[Sequence], verify_lens: list[int],

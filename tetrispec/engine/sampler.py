@@ -27,12 +27,25 @@ def logits_to_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     rows = (~greedy).nonzero(as_tuple=True)[0]
     sub = [params[i] for i in rows.tolist()]
     scaled = logits[rows] / temps[rows, None]
+    min_p = [p.min_p for p in sub]
+    if any(min_p):  # vLLM's order: after temperature, before top-k and top-p
+        scaled = _min_p(scaled, min_p)
     top_k = [p.top_k if p.top_k > 0 else 0 for p in sub]
     top_p = [p.top_p for p in sub]
     if any(top_k) or any(p < 1.0 for p in top_p):
         scaled = _truncate(scaled, top_k, top_p)
     probs[rows] = torch.softmax(scaled, dim=-1)
     return probs
+
+
+def _min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Mask tokens whose probability is below min_p times the most likely token's.
+
+    In log space that is logit < max logit + log(min_p): no softmax needed, and min_p = 0 (log -inf)
+    masks nothing. The most likely token always stays.
+    """
+    floor = torch.tensor(min_p, dtype=logits.dtype, device=logits.device).log()[:, None]
+    return logits.masked_fill(logits < logits.max(-1, keepdim=True).values + floor, float("-inf"))
 
 
 def _truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

@@ -5,6 +5,11 @@ without speculation, and the prompt itself, which the draft first reads when it 
 (a method that decides not to speculate never pays for the draft's prefill). A short lag is
 fed inside the first draft forward, so catching up costs no extra forward; a long one gets a
 forward of its own first, so that one request's prompt does not pad every other query row.
+
+Requests with presence / frequency / repetition penalties draft from penalized distributions,
+counting their own earlier drafts as the target's verify rows do: the draft then proposes what the
+target would, so more is accepted. Losslessness does not rest on it: rejection sampling uses
+whatever q the draft sampled from.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tetrispec.engine.penalties import apply_penalties
 from tetrispec.engine.sampler import draw_uniforms, logits_to_probs, sample
 from tetrispec.engine.sequence import Sequence
 from tetrispec.model.model_runner import ForwardItem, ModelRunner
@@ -72,6 +78,8 @@ class DraftProposer:
 
     def propose(self, seqs: list[Sequence], depth: int, keep_going: KeepGoing | None = None) -> Proposal:
         greedy = all(s.params.greedy for s in seqs)
+        penalized = any(s.params.has_penalties for s in seqs)
+        history: list[list[int]] = [[] for _ in seqs]  # each request's drafts so far (penalized batches only)
         lagging = [s for s in seqs if s.num_tokens - s.num_draft_cached > INLINE_CATCH_UP]
         catch_up_seconds, catch_up_tokens = 0.0, 0
         if lagging:
@@ -95,17 +103,19 @@ class DraftProposer:
         for j in range(depth):
             sub = [seqs[i] for i in active]
             index = slice(None) if len(active) == B else torch.tensor(active, device=device)
-            if greedy:
+            if greedy and not penalized:
                 x, logprob = self.runner.forward_greedy(items, "last")  # [A], [A]
             else:
                 logits = self.runner.forward(items, "last")  # [A, V]
+                logits = apply_penalties(logits, sub, [history[i] for i in active])
                 params = [s.params for s in sub]
-                q = logits_to_probs(logits, params)
+                q = logits_to_probs(logits, params)  # one-hot argmax for greedy rows
                 x = sample(q, draw_uniforms(sub, 1, self.generator, q.device).squeeze(1))  # [A]
                 logprob = self._confidence(logits, q, x, params)
-                if probs is None:
-                    probs = q.new_zeros(B, depth, q.shape[1])
-                probs[index, j] = q
+                if not greedy:  # an all-greedy batch keeps probs None: q is the one-hot of its drafts
+                    if probs is None:
+                        probs = q.new_zeros(B, depth, q.shape[1])
+                    probs[index, j] = q
             tokens[index, j] = x
             logprobs[index, j] = logprob.float()
             for i in active:
@@ -120,6 +130,9 @@ class DraftProposer:
             if not kept:
                 break
             xs = x.tolist()
+            if penalized:
+                for a, i in enumerate(active):
+                    history[i].append(xs[a])
             items = [ForwardItem([xs[a]], sub[a].num_tokens + j, sub[a].block_table) for a in kept]
             active = [active[a] for a in kept]
         K = max(drafted)
