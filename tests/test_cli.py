@@ -20,10 +20,25 @@ def test_generate_json_with_spec_stats(tiny_pair, capsys):
     assert lines[2]["spec_stats"]["method"] == "tetris" and lines[2]["spec_stats"]["drafted_tokens"] > 0
 
 
+def test_generate_takes_penalties_and_min_p(tiny_pair, capsys):
+    base = ["generate", "--model", tiny_pair[0], "--speculative-model", tiny_pair[1], "--max-tokens", "16",
+            "--ignore-eos", "--json", "--no-chat", "--prompt", "def add(a, b): def add(a, b): def add(a, b):"]
+    outputs = []
+    for extra in ([], ["--frequency-penalty", "1", "--presence-penalty", "0.5", "--repetition-penalty", "1.2",
+                       "--min-p", "0.1"]):
+        assert main(base + extra) == 0
+        outputs.append(json.loads(capsys.readouterr().out.splitlines()[0])["token_ids"])
+    plain, penalized = outputs
+    assert max(map(penalized.count, penalized)) < max(map(plain.count, plain))  # the greedy output repeats less
+
+
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--model", "/no/such/model", "--prompt", "x"], "no such file"),
     (["generate"], "at least one --prompt"),
     (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
+    (["generate", "--prompt", "x", "--repetition-penalty", "0"], "repetition_penalty"),
+    (["generate", "--prompt", "x", "--presence-penalty", "3"], "presence_penalty"),
+    (["generate", "--prompt", "x", "--min-p", "2"], "min_p"),
     (["generate", "--prompts-file", "/no/such/file"], "no such file"),
     (["generate", "--prompt", "x", "--seed", str(2**70)], "seed"),  # used to be torch's 'Overflow when unpacking'
     (["generate", "--prompt", "x", "--engine-seed", str(2**70)], "engine seed"),

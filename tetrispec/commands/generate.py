@@ -20,6 +20,10 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p times the top one's probability")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="vLLM's, > 0 (1: off)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
@@ -56,7 +60,9 @@ def run(args) -> int:
 
     prompts = read_prompts(args)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                            max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos)
+                            max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos, min_p=args.min_p,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            repetition_penalty=args.repetition_penalty)
     check_paths(args)
     llm = LLM(**engine_kwargs(args))
     if args.chat and llm.tokenizer.chat_template:
