@@ -258,3 +258,30 @@ def test_shutdown_drains_then_refuses(llm, offline):
     assert not aengine.is_running and not aengine._thread.is_alive()
     for deltas, ref in zip(results, offline):
         assert deltas[-1].finish_reason == "length" and "".join(d.text for d in deltas) == ref.text
+
+
+def test_group_with_a_prompt_per_request(aengine, offline, llm):
+    """Batched prompts: entry i of the group reads prompts[i] (strings or token ids), on one stream."""
+    prompts = mixed_prompts(3)
+    ids = llm.tokenizer.encode(prompts[1])
+    group = [GREEDY, GREEDY, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)]
+
+    async def main():
+        stream = await aengine.add_request([prompts[0], ids, prompts[2]], group, request_id="b")
+        return [d async for d in stream]
+
+    deltas = asyncio.run(main())
+    texts = ["".join(d.text for d in deltas if d.index == i) for i in range(3)]
+    assert texts[:2] == [offline[0].text, offline[1].text]
+    assert [t for d in deltas if d.index == 2 for t in d.token_ids] == offline[2].token_ids[:4]
+    assert [d.num_prompt_tokens for d in deltas if d.finished and d.index == 1] == [len(ids)]
+
+    async def refused():
+        with pytest.raises(ValueError, match="2 prompts for a group of 3"):
+            await aengine.add_request(prompts[:2], group)
+        with pytest.raises(ValueError, match="empty"):  # one bad prompt refuses the whole group
+            await aengine.add_request([prompts[0], ""], group[:2])
+
+    asyncio.run(refused())
+    wait_until(lambda: not aengine.engine.has_unfinished() and aengine.num_waiting() == 0)
+    wait_until(lambda: aengine.snapshot.num_free_blocks == aengine.snapshot.num_blocks)

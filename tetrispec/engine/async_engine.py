@@ -106,7 +106,7 @@ class RequestStream:
         self.engine = engine
         self.request_id = request_id
         self.request_ids = request_ids or [request_id]
-        self.num_prompt_tokens = num_prompt_tokens
+        self.num_prompt_tokens = num_prompt_tokens  # the first entry's (each delta carries its own request's)
         self._running = set(range(len(self.request_ids)))  # indexes not yet finished
         self._queue = queue
 
@@ -139,6 +139,16 @@ class RequestStream:
 
     async def __aexit__(self, *exc: object) -> None:
         self.abort()
+
+
+def _group_prompts(prompt: str | list[int] | list[str | list[int]], size: int) -> list[str | list[int]]:
+    """One prompt per entry of a group: `prompt` itself for each, or a list of prompts (a token-id
+    list holds ints, a list of prompts does not) with exactly one per entry."""
+    if not isinstance(prompt, list) or not prompt or isinstance(prompt[0], int):
+        return [prompt] * size
+    if len(prompt) != size:
+        raise ValueError(f"got {len(prompt)} prompts for a group of {size} requests")
+    return list(prompt)
 
 
 def _copy_stats(stats: SpecStats) -> SpecStats:
@@ -200,22 +210,26 @@ class AsyncEngine:
             self._thread.join(timeout)
 
     # ---- requests (any thread; add_request from a coroutine) ---------------------------------
-    async def add_request(self, prompt: str | list[int], params: SamplingParams | list[SamplingParams],
+    async def add_request(self, prompt: str | list[int] | list[str | list[int]],
+                          params: SamplingParams | list[SamplingParams],
                           request_id: str | None = None) -> RequestStream:
         """Queue a request; returns its stream once the engine accepted it.
 
-        A list of params is a group (OpenAI's `n`): one engine request per entry, ids
-        `<request_id>-<i>`, all on one stream; the engine takes them in one go, and refuses or
-        accepts them together. Raises ValueError for input the engine rejects (empty prompt,
-        too long, bad token ids) and EngineClosedError while shutting down.
+        A list of params is a group (OpenAI's `n`, and batched prompts): one engine request per
+        entry, ids `<request_id>-<i>`, all on one stream; the engine takes them in one go, and
+        refuses or accepts them together. The entries share `prompt`, or with a list of prompts
+        (strings or token-id lists, one per entry) entry i reads prompts[i]. Raises ValueError for
+        input the engine rejects (empty prompt, too long, bad token ids) and EngineClosedError
+        while shutting down.
         """
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
         group = params if isinstance(params, list) else [params]
         ids = [request_id] if not isinstance(params, list) else [f"{request_id}-{i}" for i in range(len(group))]
+        prompts = _group_prompts(prompt, len(group)) if isinstance(params, list) else [prompt]
         queue: asyncio.Queue = asyncio.Queue()
-        reqs = [_Request(rid, prompt, p, loop, queue, loop.create_future(), index=i)
-                for i, (rid, p) in enumerate(zip(ids, group))]
+        reqs = [_Request(rid, pr, p, loop, queue, loop.create_future(), index=i)
+                for i, (rid, pr, p) in enumerate(zip(ids, prompts, group))]
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the engine is shutting down")
