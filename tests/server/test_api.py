@@ -35,6 +35,9 @@ STEMS = ["Tell me about {}.", "Write one sentence about {}:", "Q: What do you kn
          "Here is a fact about {}:"]
 PROMPTS = [stem.format(s) for stem in STEMS for s in SUBJECTS]  # 32 distinct prompts
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+REPEATING = ["1, 2, 3, 4, 5,", "a a a a a a a a"]  # prompts whose greedy outputs each penalty changes
+PENALTIES = [dict(presence_penalty=1.5), dict(frequency_penalty=1.5), dict(repetition_penalty=1.3)]
+MIN_P = dict(temperature=1.0, seed=5, min_p=0.3)
 REQUIRED_METRICS = [
     "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:prompt_tokens",
     "vllm:generation_tokens", "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
@@ -78,6 +81,10 @@ def refs(llm) -> dict:
     return {"completions": [o.text for o in llm.generate(PROMPTS, greedy, use_tqdm=False)],
             "chat": llm.chat(CHAT, greedy, use_tqdm=False)[0].text,
             "logprobs": llm.generate(PROMPTS[0], with_logprobs, use_tqdm=False)[0].logprobs,
+            "penalized": [[o.text for o in llm.generate(REPEATING, SamplingParams(temperature=0, max_tokens=12, **kw),
+                                                        use_tqdm=False)] for kw in [{}] + PENALTIES],
+            "min_p": llm.generate(PROMPTS[2], SamplingParams(max_tokens=MAX_TOKENS, **MIN_P), use_tqdm=False)[0].text,
+            "sampled": llm.generate(PROMPTS[2], SamplingParams(max_tokens=MAX_TOKENS, seed=5), use_tqdm=False)[0].text,
             "chat_logprobs": llm.chat(CHAT, with_logprobs, use_tqdm=False)[0].logprobs}
 
 
@@ -272,6 +279,8 @@ def test_n_choices(client, refs):
                                           logprobs=True)
     assert [c.index for c in chat.choices] == [0, 1, 2] and len({c.message.content for c in chat.choices}) > 1
     assert chat.usage.completion_tokens == sum(len(c.logprobs.content) for c in chat.choices)
+    one = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=1)
+    assert chat.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counts once
     assert all(c.finish_reason in ("stop", "length") and c.message.role == "assistant" for c in chat.choices)
 
 
@@ -299,6 +308,63 @@ def test_n_choices_streamed(client):
     for c in chat:
         contents[c.choices[0].index] += c.choices[0].delta.content or ""
     assert contents[0] == contents[1] and sum(bool(c.choices[0].finish_reason) for c in chat) == 2
+
+
+def test_batched_prompts(client, refs):
+    """A list of prompts: choice p * n + i is choice i of prompt p, as that prompt's own request would give."""
+    batch = client.completions.create(model=NAME, prompt=PROMPTS[:3], max_tokens=MAX_TOKENS, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1, 2]
+    assert [c.text for c in batch.choices] == refs["completions"][:3]
+    singles = [client.completions.create(model=NAME, prompt=p, max_tokens=MAX_TOKENS, temperature=0)
+               for p in PROMPTS[:3]]
+    assert batch.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in singles)  # each prompt once
+    assert batch.usage.completion_tokens == sum(r.usage.completion_tokens for r in singles)
+    assert batch.usage.total_tokens == batch.usage.prompt_tokens + batch.usage.completion_tokens
+
+    args = dict(model=NAME, max_tokens=MAX_TOKENS, temperature=1.0, seed=7, n=2)
+    sampled = client.completions.create(prompt=PROMPTS[2:4], **args)
+    assert [c.index for c in sampled.choices] == [0, 1, 2, 3]
+    per_prompt = [client.completions.create(prompt=p, **args) for p in PROMPTS[2:4]]
+    assert [c.text for c in sampled.choices] == [c.text for r in per_prompt for c in r.choices]
+    assert sampled.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in per_prompt)
+    assert sampled.usage.completion_tokens == sum(r.usage.completion_tokens for r in per_prompt)
+
+
+def test_batched_token_id_prompts_streamed(client, llm, refs):
+    prompts = [llm.tokenizer.encode(p) for p in PROMPTS[:3]]
+    args = dict(model=NAME, prompt=prompts, max_tokens=MAX_TOKENS, temperature=0, n=2)
+    whole = client.completions.create(**args)
+    expected = [t for t in refs["completions"][:3] for _ in range(2)]  # greedy choices of one prompt agree
+    assert [c.text for c in whole.choices] == expected
+    assert whole.usage.prompt_tokens == sum(map(len, prompts))
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **args))
+    texts = [""] * 6
+    for c in chunks[:-1]:
+        assert len(c.choices) == 1
+        texts[c.choices[0].index] += c.choices[0].text
+    assert texts == expected
+    indexes = [c.choices[0].index for c in chunks[:-1]]
+    assert indexes != sorted(indexes), "the prompts' chunks interleave"
+    assert sum(bool(c.choices[0].finish_reason) for c in chunks[:-1]) == 6
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_penalties_and_min_p(client, refs):
+    """OpenAI's penalties as fields, vLLM's repetition_penalty and min_p as extra fields: the server
+    samples as the offline API does with the same SamplingParams."""
+    unpenalized, *penalized = refs["penalized"]
+    for kw, ref in zip(PENALTIES, penalized):
+        extra = {"extra_body": kw} if "repetition_penalty" in kw else kw
+        resp = client.completions.create(model=NAME, prompt=REPEATING, max_tokens=12, temperature=0, **extra)
+        assert [c.text for c in resp.choices] == ref != unpenalized, kw
+    chat = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
+                                          presence_penalty=-1, frequency_penalty=2,
+                                          extra_body={"repetition_penalty": 2})
+    assert chat.choices[0].message.content != refs["chat"]  # the chat route takes them too
+    args = {k: v for k, v in MIN_P.items() if k != "min_p"}
+    resp = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=MAX_TOKENS,
+                                     extra_body={"min_p": MIN_P["min_p"]}, **args)
+    assert resp.choices[0].text == refs["min_p"] != refs["sampled"]
 
 
 def test_choice_seeds_stay_in_range():
@@ -330,7 +396,13 @@ BAD = [
     ("completions", {"prompt": []}, "prompt"),
     ("completions", {"prompt": "hello " * 2100}, "prompt"),
     ("completions", {"prompt": [1, 2, 10**9]}, "prompt"),
-    ("completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("completions", {"prompt": ["a", ""]}, "prompt"),  # an empty prompt in a batch
+    ("completions", {"prompt": [[1, 2], []]}, "prompt"),
+    ("completions", {"prompt": ["a", [1, 2]]}, "prompt"),  # mixed kinds
+    ("completions", {"prompt": [[1, 2], "a"]}, "prompt"),
+    ("completions", {"prompt": [1, "a"]}, "prompt"),
+    ("completions", {"prompt": ["a", "hello " * 2100]}, "prompt"),  # one prompt of the batch too long
+    ("completions", {"prompt": [[1, 2], [1] * 2000], "max_tokens": 100}, "max_tokens"),
     ("chat/completions", {"messages": "hi"}, "messages"),
     ("chat/completions", {"messages": [{"content": "no role"}]}, "messages"),
     ("completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
@@ -340,7 +412,11 @@ BAD = [
     ("completions", {"prompt": "x", "echo": True}, "echo"),
     ("chat/completions", {"messages": []}, "messages"),
     ("chat/completions", {"messages": CHAT, "max_completion_tokens": -3}, "max_completion_tokens"),
-    ("chat/completions", {"messages": CHAT, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("chat/completions", {"messages": CHAT, "frequency_penalty": 2.5}, "frequency_penalty"),
+    ("completions", {"prompt": "x", "presence_penalty": -3}, "presence_penalty"),
+    ("completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ("completions", {"prompt": "x", "repetition_penalty": "high"}, "repetition_penalty"),
+    ("chat/completions", {"messages": CHAT, "min_p": 1.5}, "min_p"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi " * 2100}]}, "messages"),
     # values torch cannot hold: top_k used to fail the whole engine step (a 500 for every running request)
     ("completions", {"prompt": "x", "top_k": 10**30}, "top_k"),

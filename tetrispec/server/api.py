@@ -5,8 +5,9 @@ Every error is OpenAI's body, {"error": {"message", "type", "param", "code"}}, s
 clients raise their usual exceptions: bad input (FastAPI's validation errors included) is a
 400 that touches no other request, a wrong key a 401, a full waiting queue a 503. Handlers
 only queue work; the engine thread does it, and a client that goes away aborts its request.
-A request for n choices is n engine requests on one stream (AsyncEngine.add_request with a
-list of params): they batch like any others, and end together on an abort or an error.
+A request for n choices of P prompts is P * n engine requests on one stream (AsyncEngine.add_request
+with a list of params), choice i of prompt p at index p * n + i: they batch like any others, and
+end together on an abort or an error.
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return ("request body must be a JSON object sent with 'Content-Type: application/json'"
                 if err.get("type") != "missing" else "request body is empty: send a JSON object"), None
     where = ".".join(loc)
-    return (f"{where}: {err.get('msg')}" if where else str(err.get("msg"))), (loc[0] if loc else None)
+    msg = str(err.get("msg"))
+    if err.get("type") == "value_error":  # our own validators' messages name the field already
+        return msg.removeprefix("Value error, "), loc[0]
+    return (f"{where}: {msg}" if where else msg), loc[0]
 
 
 class BearerAuth:
@@ -207,16 +211,23 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
                            f"{num_prompt_tokens + max_tokens} ({num_prompt_tokens} in the prompt, {max_tokens} "
                            f"to generate): lower {max_tokens_param} or the prompt", max_tokens_param)
 
-    async def submit(prompt: list[int], body: SamplingRequest, max_tokens: int | None, prompt_param: str,
+    async def submit(prompts: list[list[int]], body: SamplingRequest, max_tokens: int | None, prompt_param: str,
                      request_id: str, max_tokens_param: str = "max_tokens") -> RequestStream:
+        """Queue n choices of every prompt (token ids), choice i of prompt p at index p * n + i."""
         params = sampling_params(body, max_tokens, max_tokens_param)
-        check_fits(len(prompt), max_tokens, max_tokens_param)
+        for prompt in prompts:
+            check_fits(len(prompt), max_tokens, max_tokens_param)
         if max_waiting_requests is not None and async_engine.num_waiting() >= max_waiting_requests:
             raise APIError(503, f"the server is busy: {max_waiting_requests} requests are already waiting; "
                            "retry later", code="queue_full")
         n = body.n or 1
+        if len(prompts) == 1:  # one prompt: one request, or a group sharing it
+            prompt, group = prompts[0], params if n == 1 else choice_params(params, n)
+        else:  # each prompt's choices sample as that prompt's own request would (seed + i for choice i)
+            prompt = [p for p in prompts for _ in range(n)]
+            group = choice_params(params, n) * len(prompts)
         try:
-            return await async_engine.add_request(prompt, params if n == 1 else choice_params(params, n), request_id)
+            return await async_engine.add_request(prompt, group, request_id)
         except ValueError as e:
             raise APIError(400, str(e), prompt_param) from None
         except EngineClosedError as e:
@@ -224,16 +235,14 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise APIError(400, "send one prompt per request (batched prompts are not supported)", "prompt")
-            prompt = prompt[0]
-        if not prompt:
-            raise APIError(400, "prompt is empty", "prompt")
-        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt  # as the engine would
+        prompts = body.prompts()
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise APIError(400, "prompt is empty" if len(prompts) == 1 else f"prompt {i} is empty", "prompt")
+        ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]  # as the engine would
         request_id = f"cmpl-{uuid.uuid4().hex}"
         stream = await submit(ids, body, body.max_tokens, "prompt", request_id)
+        n = body.n or 1
         created = int(time.time())
         offsets = [0] * len(stream.request_ids)  # text_offset of each choice's next token
 
@@ -250,12 +259,12 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
                                    usage=usage, spec_stats=spec).model_dump_json(exclude_none=True)
 
         if body.stream:
-            return _stream(stream, body.include_usage, choice, chunk)
+            return _stream(stream, body.include_usage, choice, chunk, n)
         choices = await _collect(request, stream)
         return JSONResponse(CompletionResponse(
             id=request_id, created=created, model=served_model_name,
             choices=[choice(i, c.text, c.logprobs, c.last.finish_reason) for i, c in enumerate(choices)],
-            usage=_usage(choices), spec_stats=_spec(choices),
+            usage=_usage(choices, n), spec_stats=_spec(choices),
         ).model_dump())
 
     @app.post("/v1/chat/completions")
@@ -280,9 +289,10 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         newer = body.max_completion_tokens is not None
         max_tokens = body.max_completion_tokens if newer else body.max_tokens
-        stream = await submit(ids, body, max_tokens, "messages", request_id,
+        stream = await submit([ids], body, max_tokens, "messages", request_id,
                               "max_completion_tokens" if newer else "max_tokens")
         created = int(time.time())
+        n = body.n or 1
 
         def stream_choice(index: int, text: str, logprobs: list[TokenLogprob] | None,
                           finish_reason: str | None = None, role: str | None = None) -> ChatStreamChoice:
@@ -296,14 +306,14 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
 
         if body.stream:
             first = [chunk([stream_choice(i, "", None, role="assistant")]) for i in range(len(stream.request_ids))]
-            return _stream(stream, body.include_usage, stream_choice, chunk, first)
+            return _stream(stream, body.include_usage, stream_choice, chunk, n, first)
         choices = await _collect(request, stream)
         return JSONResponse(ChatCompletionResponse(
             id=request_id, created=created, model=served_model_name,
             choices=[ChatChoice(index=i, message=ChatResponseMessage(content=c.text),
                                 logprobs=None if c.logprobs is None else formatter.chat(c.logprobs),
                                 finish_reason=c.last.finish_reason) for i, c in enumerate(choices)],
-            usage=_usage(choices), spec_stats=_spec(choices),
+            usage=_usage(choices, n), spec_stats=_spec(choices),
         ).model_dump())
 
     return app
@@ -322,9 +332,10 @@ class _Choice:
         return "".join(self.parts)
 
 
-def _usage(choices: list[_Choice]) -> UsageInfo:
-    """The prompt counted once (every choice reads the same one), completion tokens summed, as OpenAI."""
-    prompt = choices[0].last.num_prompt_tokens
+def _usage(choices: list[_Choice], n: int) -> UsageInfo:
+    """Each prompt counted once (its n choices, p * n to p * n + n - 1, read the same one), completion
+    tokens summed over every choice, as OpenAI."""
+    prompt = sum(c.last.num_prompt_tokens for c in choices[::n])
     completion = sum(c.last.num_output_tokens for c in choices)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
@@ -344,7 +355,7 @@ def _stream_error(delta: RequestDelta) -> str:
 
 
 def _stream(stream: RequestStream, include_usage: bool, choice: Callable[..., object], chunk: Callable[..., str],
-            first: list[str] | None = None) -> StreamingResponse:
+            n: int, first: list[str] | None = None) -> StreamingResponse:
     """Server-sent events: a chunk per choice and step with new text or logprobs (choices
     interleave, each chunk naming its index), the finish reason and that choice's spec_stats on
     its last one; once every choice finished, usage (when asked for) and `data: [DONE]`.
@@ -368,7 +379,7 @@ def _stream(stream: RequestStream, include_usage: bool, choice: Callable[..., ob
             else:
                 if include_usage:
                     done = [finals[i] for i in sorted(finals)]
-                    yield _sse(chunk([], spec=_spec(done), usage=_usage(done)))
+                    yield _sse(chunk([], spec=_spec(done), usage=_usage(done, n)))
             yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream",

@@ -3,8 +3,8 @@
 Requests are strict, so a string where a number belongs is a 400 rather than a silent
 coercion, and ignore fields they do not know, as OpenAI-compatible servers commonly do (clients
 send `user`, `logprobs: null` and the like). Value ranges are SamplingParams' job: one
-validator for the offline API and the server. Extensions over OpenAI's fields: top_k,
-ignore_eos and stop_token_ids in requests (vLLM's names), spec_stats in responses.
+validator for the offline API and the server. Extensions over OpenAI's fields: top_k, min_p,
+repetition_penalty, ignore_eos and stop_token_ids in requests (vLLM's names), spec_stats in responses.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tetrispec.sampling_params import MAX_LOGPROBS, SamplingParams
 
@@ -44,16 +44,15 @@ class SamplingRequest(StrictModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None  # completions: alternatives per token (an int); chat: on or off
-    # Accepted so that their defaults pass; other values are refused, not silently ignored.
-    presence_penalty: float | None = None
+    presence_penalty: float | None = None  # OpenAI's default: 0
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM's extension; default 1 (off)
+    min_p: float | None = None  # vLLM's extension; default 0 (off)
+    # Accepted so that its "off" value passes; others are refused, not silently ignored.
     logit_bias: Any = None
 
     def unsupported(self) -> str | None:
         """The first field set to something tetrispec cannot do, or None."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                return name
         if self.logit_bias:
             return "logit_bias"
         return None
@@ -70,6 +69,9 @@ class SamplingRequest(StrictModel):
             top_k=-1 if self.top_k is None else self.top_k,
             seed=self.seed, max_tokens=max_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos, logprobs=self.num_logprobs(),
+            presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_p=self.min_p or 0.0,
         )
 
     @property
@@ -78,12 +80,27 @@ class SamplingRequest(StrictModel):
 
 
 class CompletionRequest(SamplingRequest):
-    # OpenAI also accepts a batch of prompts; tetrispec serves one per request.
+    # One prompt, or a batch of them (OpenAI's): each prompt is a string or a list of token ids.
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     echo: bool = False
     best_of: int | None = None
     suffix: Any = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        """Say what a prompt may be, rather than pydantic's complaint about the union's first member."""
+        if isinstance(value, str) or _token_ids(value) or (
+                isinstance(value, list) and (all(isinstance(p, str) for p in value) or all(map(_token_ids, value)))):
+            return value
+        raise ValueError("prompt must be a string, a list of token ids, or a list of prompts (all strings or all "
+                         "token-id lists)")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request: one, or the batch (an empty list reads as one empty prompt)."""
+        batch = isinstance(self.prompt, list) and self.prompt and not isinstance(self.prompt[0], int)
+        return list(self.prompt) if batch else [self.prompt]
 
     def unsupported(self) -> str | None:
         if self.echo:
@@ -101,6 +118,10 @@ class CompletionRequest(SamplingRequest):
         if self.logprobs is True or not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         return self.logprobs
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 class ContentPart(StrictModel):
