@@ -97,6 +97,11 @@ class VerifyGrid:
     values: list[list[float]]  # [batch knot][query-length knot], at context 0
     slope_seq_ctx: float  # seconds per sequence per context token (its cache read)
     slope_token_ctx: float  # seconds per query token per context token (its scores)
+    # [batch knot]: B + 1 query tokens (one sequence verifying one draft), at context 0. On a CPU the
+    # first row past the batch can cost a big step (at batch 8 on the dev VM: 8 tokens 55 ms, 9 tokens
+    # 62, 16 tokens 68), which a line from B to 2B tokens puts at a fifth of that. None: profiled
+    # before this knot existed (interpolated as before).
+    plus_one: list[float] | None = None
 
     def __call__(self, batch_size: float, num_tokens, ctx: float):
         """num_tokens: a float, or an array (or CPU tensor) of token counts at this batch size."""
@@ -105,8 +110,22 @@ class VerifyGrid:
             num_tokens = np.asarray(num_tokens, dtype=np.float64)
         i0, i1, w = _segment(self.batches, b)
         row = [v0 + (v1 - v0) * w for v0, v1 in zip(self.values[i0], self.values[i1])]
-        return _at_least_a_microsecond(_interp(self.query_lens, row, num_tokens / b) + self.slope_seq_ctx * b * ctx
+        knots = self.query_lens
+        if self.plus_one is not None:
+            knots, row = self._with_plus_one(b, i0, i1, w, row)
+        return _at_least_a_microsecond(_interp(knots, row, num_tokens / b) + self.slope_seq_ctx * b * ctx
                                        + self.slope_token_ctx * num_tokens * ctx)
+
+    def _with_plus_one(self, b: float, i0: int, i1: int, w: float, row: list[float]) -> tuple[list[float], list]:
+        """The query-length knots and the row with the B + 1 knot (q = 1 + 1 / B) inserted where it falls
+        strictly between two knots, its value kept between theirs."""
+        q = 1.0 + 1.0 / b
+        j = bisect.bisect_left(self.query_lens, q)
+        if not 0 < j < len(self.query_lens) or self.query_lens[j] == q:
+            return self.query_lens, row
+        value = self.plus_one[i0] + (self.plus_one[i1] - self.plus_one[i0]) * w
+        value = min(max(value, row[j - 1]), row[j])
+        return self.query_lens[:j] + [q] + self.query_lens[j:], row[:j] + [value] + row[j:]
 
 
 @dataclass
@@ -166,17 +185,19 @@ class CostModel:
         return cls(VerifyGrid(**d["target"]), PiecewiseLinear(**d["draft"]), d["draft_prefill"])
 
 
-def _items(runner: ModelRunner, batch: int, ctx: int, q_len: int) -> list[ForwardItem]:
-    """`batch` sequences, q_len new tokens each at context ctx, in disjoint cache blocks."""
-    blocks_each = -(-(ctx + q_len) // runner.block_size)
-    return [ForwardItem([1] * q_len, ctx, list(range(i * blocks_each, (i + 1) * blocks_each))) for i in range(batch)]
+def _items(runner: ModelRunner, batch: int, ctx: int, q_len: int, extra: int = 0) -> list[ForwardItem]:
+    """`batch` sequences, q_len new tokens each at context ctx (the first `extra` more), in disjoint cache blocks."""
+    blocks_each = -(-(ctx + q_len + 1) // runner.block_size)
+    return [ForwardItem([1] * (q_len + (i < extra)), ctx, list(range(i * blocks_each, (i + 1) * blocks_each)))
+            for i in range(batch)]
 
 
 def _time_forward(runner: ModelRunner, batch: int, ctx: int, q_len: int, repeats: int,
-                  logits_for: str = "all", before=None) -> float:
-    """Median seconds of one forward: `batch` sequences, q_len new tokens each at context ctx.
-    before(), untimed, runs ahead of each timed forward (the draft is timed after a target forward)."""
-    items = _items(runner, batch, ctx, q_len)
+                  logits_for: str = "all", before=None, extra: int = 0) -> float:
+    """Median seconds of one forward: `batch` sequences, q_len new tokens each at context ctx (the
+    first `extra` sequences one more). before(), untimed, runs ahead of each timed forward (the draft
+    is timed after a target forward)."""
+    items = _items(runner, batch, ctx, q_len, extra)
     runner.forward(items, logits_for)  # warm-up
     times = []
     for _ in range(repeats):
@@ -298,6 +319,17 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
             d_c.append(c)
             d_y.append(_time_forward(draft, b, c, 1, repeats, before=partial(target.forward, target_items, "last")))
     verify = fit_grid(t_b, t_q, t_c, t_y)
+    # B + 1 tokens at each batch knot (a verify of one draft), at the middle context, taken to context 0
+    # with the fitted slopes (a batch whose cache cannot hold it keeps the line from B to 2B: its q = 1 value)
+    plus_one = []
+    for i, b in enumerate(verify.batches):
+        ctx = ctxs[1]
+        if b * (ctx + 2 + 16) <= num_slots:
+            t = _time_forward(target, int(b), ctx, 1, repeats + 2, extra=1)
+            plus_one.append(t - verify.slope_seq_ctx * b * ctx - verify.slope_token_ctx * (b + 1) * ctx)
+        else:
+            plus_one.append(verify.values[i][0])
+    verify.plus_one = plus_one
     if draft is None:
         return CostModel(verify, PiecewiseLinear([1.0], [0.0], 0.0))
     # a catch-up forward as the proposer runs it: long queries, no logits
