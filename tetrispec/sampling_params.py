@@ -16,6 +16,8 @@ MIN_SAMPLING_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20
 # OpenAI's range for presence_penalty and frequency_penalty.
 PENALTY_RANGE = (-2.0, 2.0)
+# OpenAI's range for a logit_bias value (-100 or 100: in effect bans or forces the token).
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
 
 
 @dataclass
@@ -40,6 +42,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # vLLM's: after temperature, tokens less likely than min_p times the most likely one are dropped.
     min_p: float = 0.0
+    # OpenAI's: token id -> value added to that token's logit before penalties and sampling.
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -85,6 +89,12 @@ class SamplingParams:
             raise bad("repetition_penalty", self.repetition_penalty, "a positive number (1 is off)")
         if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", self.min_p, "a number in [0, 1]")
+        if self.logit_bias is not None and not (
+            isinstance(self.logit_bias, dict)
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.logit_bias)
+            and all(_is_number(v) and LOGIT_BIAS_RANGE[0] <= v <= LOGIT_BIAS_RANGE[1] for v in self.logit_bias.values())
+        ):
+            raise bad("logit_bias", self.logit_bias, "a map from token ids to numbers in [-100, 100]")
 
     @property
     def greedy(self) -> bool:
@@ -92,8 +102,14 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        """Whether logits depend on the tokens seen so far (then greedy is no longer the raw argmax)."""
+        """Whether logits depend on the tokens seen so far."""
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties or a logit bias: the logits sampled from are not the model's (so greedy is no
+        longer the raw argmax, and the argmax-only fast path does not apply)."""
+        return self.has_penalties or bool(self.logit_bias)
 
 
 def _is_number(value: object) -> bool:

@@ -56,6 +56,24 @@ def test_penalized_logits_equal_a_hand_computation():
     assert torch.allclose(out[:, 1:], torch.tensor(expected)[:, 1:])
 
 
+def test_logit_bias_is_added_before_the_penalties():
+    torch.manual_seed(1)
+    logits = torch.randn(3, V) * 3
+    a = seq([1], [2, 2], logit_bias={2: 5.0, 3: -100.0}, repetition_penalty=2.0, frequency_penalty=0.5)
+    b = seq([4], [4], logit_bias={0: 1.5})  # bias only: no counts needed
+    plain = seq([1], [1])
+    out = apply_penalties(logits, [a, b, plain])
+    biased_a = logits[0].clone()
+    biased_a[2] += 5.0
+    biased_a[3] -= 100.0
+    biased_b = logits[1].clone()
+    biased_b[0] += 1.5
+    expected = torch.stack([torch.tensor(by_hand(biased_a.tolist(), [1], [2, 2], frequency=0.5, repetition=2.0)),
+                            biased_b, logits[2]])
+    assert torch.allclose(out, expected)
+    assert SamplingParams(logit_bias={1: 0.5}).adjusts_logits and not SamplingParams(logit_bias={}).adjusts_logits
+
+
 def test_batches_without_penalties_return_their_logits_as_they_are():
     logits = torch.randn(2, V)
     assert apply_penalties(logits, [seq([1], [2]), seq([3], [])], [[4], []]) is logits
@@ -88,6 +106,10 @@ def test_penalties_change_greedy_output_and_skip_the_fast_path_only_when_set(tin
     (dict(min_p=1.5), "min_p"),
     (dict(min_p=-0.1), "min_p"),
     (dict(presence_penalty=True), "presence_penalty"),
+    (dict(logit_bias={3: 101.0}), "logit_bias"),
+    (dict(logit_bias={-1: 1.0}), "logit_bias"),
+    (dict(logit_bias={"3": 1.0}), "logit_bias"),
+    (dict(logit_bias={3: float("nan")}), "logit_bias"),
 ])
 def test_out_of_range_values_raise_with_the_name(kw, match):
     with pytest.raises(ValueError, match=f"^{match} must be"):

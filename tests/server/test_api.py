@@ -78,9 +78,14 @@ def refs(llm) -> dict:
     """Offline greedy outputs, computed before the engine is handed to the server thread."""
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
     with_logprobs = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=LOGPROBS)
-    return {"completions": [o.text for o in llm.generate(PROMPTS, greedy, use_tqdm=False)],
+    logprobs = llm.generate(PROMPTS[0], with_logprobs, use_tqdm=False)[0].logprobs
+    ban = {logprobs[0].token_id: -100.0}  # the greedy output's first token
+    return {"ban": ban,
+            "banned": llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logit_bias=ban),
+                                   use_tqdm=False)[0].text,
+            "completions": [o.text for o in llm.generate(PROMPTS, greedy, use_tqdm=False)],
             "chat": llm.chat(CHAT, greedy, use_tqdm=False)[0].text,
-            "logprobs": llm.generate(PROMPTS[0], with_logprobs, use_tqdm=False)[0].logprobs,
+            "logprobs": logprobs,
             "penalized": [[o.text for o in llm.generate(REPEATING, SamplingParams(temperature=0, max_tokens=12, **kw),
                                                         use_tqdm=False)] for kw in [{}] + PENALTIES],
             "min_p": llm.generate(PROMPTS[2], SamplingParams(max_tokens=MAX_TOKENS, **MIN_P), use_tqdm=False)[0].text,
@@ -367,6 +372,21 @@ def test_penalties_and_min_p(client, refs):
     assert resp.choices[0].text == refs["min_p"] != refs["sampled"]
 
 
+def test_logit_bias(client, refs):
+    """OpenAI's logit_bias (token ids as strings): banning the greedy output's first token changes the
+    output exactly as the offline API does."""
+    bias = {str(t): v for t, v in refs["ban"].items()}
+    for route in ("completions", "chat"):
+        if route == "completions":
+            text = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0,
+                                             logit_bias=bias).choices[0].text
+            assert text == refs["banned"] != refs["completions"][0]
+        else:
+            chat = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
+                                                  logit_bias={str(t): 100 for t in refs["ban"]})
+            assert chat.choices[0].message.content != refs["chat"]
+
+
 def test_choice_seeds_stay_in_range():
     top = SamplingParams(seed=2**64 - 1)
     assert [p.seed for p in choice_params(top, 3)] == [2**64 - 1, -(2**63), -(2**63) + 1]
@@ -425,8 +445,11 @@ BAD = [
     ("completions", {"prompt": "x", "max_tokens": 10**9}, "max_tokens"),
     ("completions", {"prompt": [1] * 2000, "max_tokens": 100}, "max_tokens"),
     ("chat/completions", {"messages": CHAT, "max_completion_tokens": 2048}, "max_completion_tokens"),
-    # OpenAI features that used to be silently ignored
-    ("completions", {"prompt": "x", "logit_bias": {"50": -100}}, "logit_bias"),
+    # OpenAI features tetrispec lacks (refused, not silently ignored)
+    ("completions", {"prompt": "x", "logit_bias": {"50": -101}}, "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": {"fifty": 1}}, "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": [50]}, "logit_bias"),
+    ("chat/completions", {"messages": CHAT, "logit_bias": {"999999999": 1}}, "logit_bias"),  # past the vocabulary
     ("completions", {"prompt": "x", "suffix": "end"}, "suffix"),
     ("chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ("chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),

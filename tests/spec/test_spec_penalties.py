@@ -20,8 +20,10 @@ from tetrispec import LLM, SamplingParams
 from tetrispec.model.loader import load_model, save_checkpoint
 from tetrispec.model.tokenizer import Tokenizer
 
+# (requests 7, 15, 23 and 31 sample: none of them may be the one without penalties)
 PENALTIES = [dict(presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.3),
-             dict(repetition_penalty=1.8), {}, dict(presence_penalty=1.0, frequency_penalty=-0.5)]
+             dict(repetition_penalty=1.8), dict(logit_bias={5: 10.0, 7: -100.0}),
+             dict(presence_penalty=1.0, frequency_penalty=-0.5), {}]
 NUM_PROMPTS = 32
 
 

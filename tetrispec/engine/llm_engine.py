@@ -154,12 +154,15 @@ class LLMEngine:
                     request_id: str | None = None) -> Sequence:
         params = params or SamplingParams()
         params.validate()
+        V = self.model_config.vocab_size
+        if params.logit_bias and max(params.logit_bias) >= V:
+            raise ValueError(f"logit_bias token ids must be in [0, {V}), got {max(params.logit_bias)}")
         if isinstance(prompt, str):
             ids, text = self.tokenizer.encode(prompt), prompt
         else:
             ids, text = list(prompt), None
-            if any(not isinstance(t, int) or not 0 <= t < self.model_config.vocab_size for t in ids):
-                raise ValueError(f"prompt token ids must be integers in [0, {self.model_config.vocab_size})")
+            if any(not isinstance(t, int) or not 0 <= t < V for t in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {V})")
         if not ids:
             raise ValueError("prompt is empty")
         if len(ids) >= self.max_model_len:
@@ -227,7 +230,7 @@ class LLMEngine:
                      ) -> tuple[list[int], list[list[TokenLogprob]] | None]:
         """One target forward, one sampled token per sequence, and its logprobs where asked for."""
         greedy = all(s.params.greedy for s in seqs)
-        if greedy and not _wants_logprobs(seqs) and not _has_penalties(seqs):  # argmax only: no [B, V] tensors
+        if greedy and not _wants_logprobs(seqs) and not _adjusts_logits(seqs):  # argmax only: no [B, V] tensors
             return self.target.forward_greedy(items, "last", logprobs=False)[0].tolist(), None
         logits = self.target.forward(items, "last")  # [B, V] raw: what logprobs report
         penalized = apply_penalties(logits, seqs)  # the logits itself when no request has penalties
@@ -308,7 +311,7 @@ class LLMEngine:
         K = proposal.depth
         wants = _wants_logprobs(seqs)
         if proposal.probs is None:  # every request is greedy (see Proposal.probs)
-            if wants or _has_penalties(seqs):  # the same argmax rule, read off full logits
+            if wants or _adjusts_logits(seqs):  # the same argmax rule, read off full logits
                 logits = self.target.forward(items, "all")
                 flat = _penalize_verify(logits, seqs, drafts, verify_lens).argmax(-1)  # [sum(l_i + 1)]
             else:
@@ -397,8 +400,8 @@ def _wants_logprobs(seqs: list[Sequence]) -> bool:
     return any(s.params.logprobs is not None for s in seqs)
 
 
-def _has_penalties(seqs: list[Sequence]) -> bool:
-    return any(s.params.has_penalties for s in seqs)
+def _adjusts_logits(seqs: list[Sequence]) -> bool:
+    return any(s.params.adjusts_logits for s in seqs)
 
 
 def _penalize_verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
@@ -406,7 +409,7 @@ def _penalize_verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[li
     """Penalties on a verify forward's logits [sum(l_i + 1), V]: request i's row j follows its output
     and its first j drafts, so those drafts count, as they would in plain decoding by then (row l_i
     is the bonus position, after all of them)."""
-    if not _has_penalties(seqs):
+    if not _adjusts_logits(seqs):
         return logits
     row_seqs = [s for s, n in zip(seqs, verify_lens) for _ in range(n + 1)]
     row_drafts = [d[:j] for d, n in zip(drafts, verify_lens) for j in range(n + 1)]

@@ -1,7 +1,8 @@
-"""Presence, frequency and repetition penalties: logits adjusted by the tokens a request has seen.
+"""Logit bias and presence, frequency and repetition penalties: logits adjusted per request.
 
-For a token t with count c_t in the output so far (OpenAI's presence and frequency penalties,
-vLLM's and Hugging Face's repetition penalty, applied in vLLM's order):
+For a token t with count c_t in the output so far (OpenAI's logit bias b_t, presence and frequency
+penalties, vLLM's and Hugging Face's repetition penalty, applied in vLLM's order):
+  logit_t += b_t
   if t is in the prompt or the output:  logit_t = logit_t / r if logit_t > 0 else logit_t * r
   logit_t -= frequency_penalty * c_t + presence_penalty * [c_t > 0]
 The result feeds temperature, min_p, top-k and top-p as raw logits would (greedy takes its argmax).
@@ -9,7 +10,7 @@ The result feeds temperature, min_p, top-k and top-p as raw logits would (greedy
 Row r of a batch follows its request's output plus `drafts[r]`: in a verify forward, row j of a
 request comes after its first j drafts, and plain decoding would have counted them by then. Leaving
 them out would make speculation lossy (a draft could repeat a token the penalty should have held
-back); the tests check exactly that. Rows of requests without penalties are left untouched, and a
+back); the tests check exactly that. Rows of requests without adjustments are left untouched, and a
 batch with none returns its logits as they are, so the default path costs nothing.
 """
 
@@ -22,12 +23,22 @@ from tetrispec.engine.sequence import Sequence
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]] | None = None) -> torch.Tensor:
     """logits [N, V]; seqs[r] owns row r (a request may own several rows); drafts[r]: tokens that
-    row follows beyond the request's output (None: none). Returns new logits [N, V] when a row has
-    penalties (the input stays as it was: logprobs are reported raw), else the input itself."""
-    rows = [r for r, s in enumerate(seqs) if s.params.has_penalties]
+    row follows beyond the request's output (None: none). Returns new logits [N, V] when a row is
+    adjusted (the input stays as it was: logprobs are reported raw), else the input itself."""
+    rows = [r for r, s in enumerate(seqs) if s.params.adjusts_logits]
     if not rows:
         return logits
     V, device = logits.shape[1], logits.device
+    params = [seqs[r].params for r in rows]
+    index = torch.tensor(rows, device=device)
+    sub = logits.index_select(0, index)  # [n, V]
+    biased = [(i, p.logit_bias) for i, p in enumerate(params) if p.logit_bias]
+    if biased:
+        cells = torch.tensor([i * V + t for i, bias in biased for t in bias], device=device)
+        values = torch.tensor([v for _, bias in biased for v in bias.values()], dtype=sub.dtype, device=device)
+        sub = sub.flatten().index_add(0, cells, values).view(len(rows), V)
+    if not any(p.has_penalties for p in params):
+        return logits.index_copy(0, index, sub)
     owner_of: dict[int, int] = {}  # id(seq) -> its row in the per-request tensors below
     for r in rows:
         owner_of.setdefault(id(seqs[r]), len(owner_of))
@@ -36,9 +47,6 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], drafts: list[lis
     counts = _bincount([s.output_token_ids for s in owned], V, device)[owner]  # [n, V] output so far
     if drafts is not None and any(drafts[r] for r in rows):
         counts += _bincount([drafts[r] for r in rows], V, device)
-    params = [seqs[r].params for r in rows]
-    index = torch.tensor(rows, device=device)
-    sub = logits.index_select(0, index)  # [n, V]
     if any(p.repetition_penalty != 1.0 for p in params):
         prompt_seen = _bincount([s.prompt_token_ids if s.params.repetition_penalty != 1.0 else [] for s in owned],
                                 V, device)[owner] > 0

@@ -228,8 +228,9 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
             group = choice_params(params, n) * len(prompts)
         try:
             return await async_engine.add_request(prompt, group, request_id)
-        except ValueError as e:
-            raise APIError(400, str(e), prompt_param) from None
+        except ValueError as e:  # the engine checks what needs the model: prompt ids, logit_bias ids
+            param = "logit_bias" if str(e).startswith("logit_bias") else prompt_param
+            raise APIError(400, str(e), param) from None
         except EngineClosedError as e:
             raise APIError(503, str(e), code="shutting_down") from None
 

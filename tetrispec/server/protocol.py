@@ -48,13 +48,10 @@ class SamplingRequest(StrictModel):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None  # vLLM's extension; default 1 (off)
     min_p: float | None = None  # vLLM's extension; default 0 (off)
-    # Accepted so that its "off" value passes; others are refused, not silently ignored.
-    logit_bias: Any = None
+    logit_bias: Any = None  # OpenAI's: {"token id": bias in [-100, 100]}, keys are strings in JSON
 
     def unsupported(self) -> str | None:
         """The first field set to something tetrispec cannot do, or None."""
-        if self.logit_bias:
-            return "logit_bias"
         return None
 
     def num_logprobs(self) -> int | None:
@@ -71,7 +68,7 @@ class SamplingRequest(StrictModel):
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos, logprobs=self.num_logprobs(),
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            min_p=self.min_p or 0.0,
+            min_p=self.min_p or 0.0, logit_bias=_token_bias(self.logit_bias),
         )
 
     @property
@@ -299,3 +296,15 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+def _token_bias(value: Any) -> dict[int, float] | None:
+    """OpenAI's logit_bias (token ids as JSON strings) -> {token id: bias}; SamplingParams checks the values."""
+    if not value:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"logit_bias must be a map from token ids to numbers in [-100, 100], got {value!r}")
+    try:
+        return {int(k): v for k, v in value.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"logit_bias keys must be token ids (integers), got {list(value)!r}") from None

@@ -6,7 +6,7 @@ without speculation, and the prompt itself, which the draft first reads when it 
 fed inside the first draft forward, so catching up costs no extra forward; a long one gets a
 forward of its own first, so that one request's prompt does not pad every other query row.
 
-Requests with presence / frequency / repetition penalties draft from penalized distributions,
+Requests with a logit bias or presence / frequency / repetition penalties draft from adjusted distributions,
 counting their own earlier drafts as the target's verify rows do: the draft then proposes what the
 target would, so more is accepted. Losslessness does not rest on it: rejection sampling uses
 whatever q the draft sampled from.
@@ -78,7 +78,7 @@ class DraftProposer:
 
     def propose(self, seqs: list[Sequence], depth: int, keep_going: KeepGoing | None = None) -> Proposal:
         greedy = all(s.params.greedy for s in seqs)
-        penalized = any(s.params.has_penalties for s in seqs)
+        penalized = any(s.params.adjusts_logits for s in seqs)
         history: list[list[int]] = [[] for _ in seqs]  # each request's drafts so far (penalized batches only)
         lagging = [s for s in seqs if s.num_tokens - s.num_draft_cached > INLINE_CATCH_UP]
         catch_up_seconds, catch_up_tokens = 0.0, 0
