@@ -75,7 +75,7 @@ class SamplingParams:
             raise bad("max_tokens", self.max_tokens, "a positive integer")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", self.stop, "a list of non-empty strings")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+        if not all(map(_is_token_id, self.stop_token_ids)):
             raise bad("stop_token_ids", self.stop_token_ids, "a list of non-negative integers")
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
@@ -91,7 +91,7 @@ class SamplingParams:
             raise bad("min_p", self.min_p, "a number in [0, 1]")
         if self.logit_bias is not None and not (
             isinstance(self.logit_bias, dict)
-            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.logit_bias)
+            and all(map(_is_token_id, self.logit_bias))
             and all(_is_number(v) and LOGIT_BIAS_RANGE[0] <= v <= LOGIT_BIAS_RANGE[1] for v in self.logit_bias.values())
         ):
             raise bad("logit_bias", self.logit_bias, "a map from token ids to numbers in [-100, 100]")
@@ -110,6 +110,11 @@ class SamplingParams:
         """Penalties or a logit bias: the logits sampled from are not the model's (so greedy is no
         longer the raw argmax, and the argmax-only fast path does not apply)."""
         return self.has_penalties or bool(self.logit_bias)
+
+
+def _is_token_id(value: object) -> bool:
+    """A non-negative int, not a bool (whether it is in the vocabulary is the engine's check)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_number(value: object) -> bool:

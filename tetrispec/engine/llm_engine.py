@@ -229,8 +229,8 @@ class LLMEngine:
     def _next_tokens(self, items: list[ForwardItem], seqs: list[Sequence]
                      ) -> tuple[list[int], list[list[TokenLogprob]] | None]:
         """One target forward, one sampled token per sequence, and its logprobs where asked for."""
-        greedy = all(s.params.greedy for s in seqs)
-        if greedy and not _wants_logprobs(seqs) and not _adjusts_logits(seqs):  # argmax only: no [B, V] tensors
+        greedy, wants = all(s.params.greedy for s in seqs), _wants_logprobs(seqs)
+        if greedy and not wants and not _adjusts_logits(seqs):  # argmax only: no [B, V] tensors
             return self.target.forward_greedy(items, "last", logprobs=False)[0].tolist(), None
         logits = self.target.forward(items, "last")  # [B, V] raw: what logprobs report
         penalized = apply_penalties(logits, seqs)  # the logits itself when no request has penalties
@@ -239,7 +239,7 @@ class LLMEngine:
         else:
             probs = logits_to_probs(penalized, [s.params for s in seqs])
             tokens = sample(probs, draw_uniforms(seqs, 1, self.generator, probs.device).squeeze(1)).tolist()
-        if not _wants_logprobs(seqs):
+        if not wants:
             return tokens, None
         return tokens, token_logprobs(logits, [[i] for i in range(len(seqs))], [[t] for t in tokens],
                                       [s.params.logprobs for s in seqs])

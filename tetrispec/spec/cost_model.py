@@ -99,7 +99,7 @@ class VerifyGrid:
     slope_token_ctx: float  # seconds per query token per context token (its scores)
     # [batch knot]: B + 1 query tokens (one sequence verifying one draft), at context 0. On a CPU the
     # first row past the batch can cost a big step (at batch 8 on the dev VM: 8 tokens 55 ms, 9 tokens
-    # 62, 16 tokens 68), which a line from B to 2B tokens puts at a fifth of that. None: profiled
+    # 62, 16 tokens 68), which a line from B to 2B tokens puts at about a fifth of that. None: profiled
     # before this knot existed (interpolated as before).
     plus_one: list[float] | None = None
 
@@ -320,15 +320,16 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
             d_y.append(_time_forward(draft, b, c, 1, repeats, before=partial(target.forward, target_items, "last")))
     verify = fit_grid(t_b, t_q, t_c, t_y)
     # B + 1 tokens at each batch knot (a verify of one draft), at the middle context, taken to context 0
-    # with the fitted slopes (a batch whose cache cannot hold it keeps the line from B to 2B: its q = 1 value)
-    plus_one = []
+    # with the fitted slopes. Where B + 1 is a grid knot already (batch 1), or the cache cannot hold the
+    # batch, the knot keeps the grid's own line there instead of a timing.
+    ctx, plus_one = ctxs[1], []
     for i, b in enumerate(verify.batches):
-        ctx = ctxs[1]
-        if b * (ctx + 2 + 16) <= num_slots:
-            t = _time_forward(target, int(b), ctx, 1, repeats + 2, extra=1)
-            plus_one.append(t - verify.slope_seq_ctx * b * ctx - verify.slope_token_ctx * (b + 1) * ctx)
-        else:
-            plus_one.append(verify.values[i][0])
+        q = 1.0 + 1.0 / b
+        if q in verify.query_lens or b * (ctx + 2 + 16) > num_slots:
+            plus_one.append(float(_interp(verify.query_lens, verify.values[i], q)))
+            continue
+        t = _time_forward(target, int(b), ctx, 1, repeats + 2, extra=1)
+        plus_one.append(t - verify.slope_seq_ctx * b * ctx - verify.slope_token_ctx * (b + 1) * ctx)
     verify.plus_one = plus_one
     if draft is None:
         return CostModel(verify, PiecewiseLinear([1.0], [0.0], 0.0))
