@@ -215,6 +215,139 @@ def test_clear_errors(tmp_path, monkeypatch):
         default_target_path()
 
 
+# ---- checkpoint variants: load exactly, or refuse with one clear ValueError ----------------
+def save_hf(ref, path, bpe: HFTokenizer, edit_config=None, edit_weights=None, **save_kw) -> None:
+    """save_pretrained (safetensors) + tokenizer, then optionally edit config.json / the weights."""
+    from safetensors.torch import load_file, save_file
+
+    ref.save_pretrained(path, **save_kw)
+    write_hf_tokenizer(path, bpe)
+    if edit_config:
+        cfg = json.loads((path / "config.json").read_text())
+        edit_config(cfg)
+        (path / "config.json").write_text(json.dumps(cfg))
+    if edit_weights:
+        w = load_file(str(path / "model.safetensors"))
+        edit_weights(w)
+        save_file(w, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def random_biases(ref) -> None:
+    """transformers initializes biases to zero, which would hide one left out."""
+    with torch.no_grad():
+        for name, t in ref.named_parameters():
+            if name.endswith("bias"):
+                t.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("attention_bias,mlp_bias,dtype", [(True, False, None), (False, True, None),
+                                                            (True, True, torch.bfloat16)])
+def test_projection_biases_load_and_round_trip(tmp_path, bpe, attention_bias, mlp_bias, dtype):
+    ref = tiny_ref(bpe.get_vocab_size(), attention_bias=attention_bias, mlp_bias=mlp_bias)
+    random_biases(ref)
+    if dtype is not None:  # a bfloat16 file, sharded
+        ref = ref.to(dtype)
+    save_hf(ref, tmp_path / "src", bpe, max_shard_size="40KB" if dtype else "1GB")
+    ref = ref.float()  # runs the file's weights
+    model, _ = load_model(tmp_path / "src")
+    torch.testing.assert_close(logits_of(model, IDS), ref_logits(ref, IDS), atol=1e-4, rtol=1e-4)
+    save_checkpoint(model, tmp_path / "src", tmp_path / "out")  # biases split back into q/k/v and gate/up
+    back, _ = load_model(tmp_path / "out")
+    torch.testing.assert_close(logits_of(back, IDS), logits_of(model, IDS), atol=0, rtol=0)
+
+
+def _set(key, value):
+    return lambda d: d.__setitem__(key, value)
+
+
+def _drop(name):
+    return lambda d: d.pop(name)
+
+
+def _distinct_head(w):
+    w["lm_head.weight"] = w["model.embed_tokens.weight"] + 1
+
+
+BAD_CHECKPOINTS = {  # name: (tiny_ref overrides, config edit, weights edit, error)
+    "yarn_rope": (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+                  None, None, "unsupported rope_scaling type 'yarn'"),
+    "dynamic_rope_legacy_key": ({}, _set("rope_scaling", {"type": "dynamic", "factor": 2.0}), None,
+                                "unsupported rope_scaling type 'dynamic'"),
+    "gelu_mlp": ({}, _set("hidden_act", "gelu"), None, "unsupported hidden_act 'gelu'"),
+    "no_vocab_size": ({}, _drop("vocab_size"), None, "config.json lacks vocab_size"),
+    "wrong_intermediate_size": ({}, _set("intermediate_size", 100), None,
+                                r"mlp.gate_proj.weight has shape \(96, 64\); config.json implies \(100, 64\)"),
+    "missing_q_proj": ({}, None, _drop("model.layers.1.self_attn.q_proj.weight"),
+                       r"missing \['model.layers.1.self_attn.q_proj.weight'\]"),
+    "renamed_tensor": ({}, None, lambda w: w.__setitem__("x.weight", w.pop("model.norm.weight")),
+                       r"missing \['model.norm.weight'\].*unexpected \['x.weight'\]"),
+    "undeclared_bias": (dict(attention_bias=True), _set("attention_bias", False), None,
+                        "bias tensors .* that config.json does not declare"),
+    "untied_without_lm_head": ({}, None, _drop("lm_head.weight"), "no lm_head.weight but config.json sets "
+                               "tie_word_embeddings false"),
+    "tied_with_distinct_lm_head": (dict(tie_word_embeddings=True), None, _distinct_head,
+                                   "lm_head.weight differs from model.embed_tokens.weight"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CHECKPOINTS))
+def test_unsupported_or_inconsistent_checkpoints_are_refused(tmp_path, bpe, name):
+    """Each used to load silently wrong (an untied head borrowed the embedding, a gelu MLP ran as
+    silu), or fail with a KeyError / shape RuntimeError naming no cause."""
+    overrides, edit_config, edit_weights, error = BAD_CHECKPOINTS[name]
+    save_hf(tiny_ref(bpe.get_vocab_size(), **overrides), tmp_path, bpe, edit_config, edit_weights)
+    with pytest.raises(ValueError, match=error):
+        load_model(tmp_path)
+
+
+def test_cli_refuses_a_bad_checkpoint_in_one_line(tmp_path, bpe, capsys):
+    """A tensor missing from the checkpoint used to be a KeyError traceback with exit code 1."""
+    from tetrispec.cli import main
+
+    save_hf(tiny_ref(bpe.get_vocab_size()), tmp_path, bpe, edit_weights=_drop("model.layers.0.mlp.up_proj.weight"))
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.layers.0.mlp.up_proj.weight" in err and "Traceback" not in err
+
+
+def test_config_defaults_follow_transformers():
+    """Keys a config.json leaves out take transformers' defaults (LlamaConfig, MistralConfig)."""
+    base = dict(vocab_size=10, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=16)
+    llama = ModelConfig.from_hf({**base, "model_type": "llama"})
+    mistral = ModelConfig.from_hf({**base, "model_type": "mistral"})
+    assert (llama.rms_norm_eps, llama.num_key_value_heads) == (transformers.LlamaConfig().rms_norm_eps, 16)
+    want = transformers.MistralConfig()
+    assert (mistral.rms_norm_eps, mistral.num_key_value_heads) == (want.rms_norm_eps, want.num_key_value_heads)
+
+
+def test_mistral_sliding_window_caps_the_context(tmp_path, bpe):
+    """Attention here is full, which equals Mistral's sliding window up to `window` tokens: the
+    engine caps max_model_len there (vLLM's --disable-sliding-window) rather than run past it wrong."""
+    from tetrispec import LLM, SamplingParams
+
+    torch.manual_seed(0)
+    window = 12
+    ref = transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=bpe.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=window, max_position_embeddings=512,
+        attn_implementation="eager")).eval()
+    save_hf(ref, tmp_path, bpe)
+    model, _ = load_model(tmp_path)
+    assert model.config.sliding_window == window
+    torch.testing.assert_close(logits_of(model, IDS[:window]), ref_logits(ref, IDS[:window]), atol=1e-4, rtol=1e-4)
+    llm = LLM(str(tmp_path), speculative_model=None, device="cpu", kv_cache_memory_gb=0.01)
+    assert llm.engine.max_model_len == window
+    out = llm.generate([IDS[:4]], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False)[0]
+    ids = list(IDS[:4])
+    with torch.no_grad():
+        for _ in range(window - 4):
+            ids.append(int(ref(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert (out.token_ids, out.finish_reason) == (ids[4:], "length")
+    with pytest.raises(ValueError, match="context limit is 12"):
+        llm.generate([IDS[:window]], SamplingParams(max_tokens=1), use_tqdm=False)
+
+
 # ---- GGUF -------------------------------------------------------------------------------
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """What llama.cpp's convert_hf_to_gguf.py does to q/k weights."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from tetrispec.spec.cost_model import StepRecord, load_or_profile
 from tetrispec.spec.proposer import DraftProposer, Proposal
 from tetrispec.spec.selectors import DSD, BatchInfo, make_selector
 from tetrispec.spec.stats import SpecStats
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_DRAFT_DIR = Path(__file__).resolve().parent.parent / "assets" / "draft"
 
@@ -68,6 +71,13 @@ class LLMEngine:
             target, self.tokenizer = weights_from.target.model, weights_from.tokenizer
         self.model_config = target.config
         self.max_model_len = min(config.max_model_len, target.config.max_position_embeddings)
+        window = target.config.sliding_window
+        if window is not None and window < self.max_model_len:
+            # Attention here is full; with a sliding window that is exact up to `window` tokens.
+            # vLLM's --disable-sliding-window does the same: cap the context to the window.
+            logger.warning("the model's sliding_window (%d) is not implemented: max_model_len capped from %d to %d",
+                           window, self.max_model_len, window)
+            self.max_model_len = window
         draft = self._load_draft(dtype, device, weights_from)
 
         block_bytes = ModelRunner.bytes_per_block(target, config.block_size, dtype)

@@ -104,8 +104,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=False)
-        self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=False)
+        self.qkv_proj = Linear(cfg.hidden_size, (self.n_heads + 2 * self.n_kv) * self.hd, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=cfg.attention_bias)
         self.scale = self.hd**-0.5
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
@@ -125,8 +125,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -239,24 +239,28 @@ class LlamaForCausalLM(nn.Module):
         into them, and each one leaves `weights` as it is used: a model built on the meta device
         (load_model) is loaded holding one copy of its weights, not two or three.
         """
+        cfg = self.config
+        self._check_tensors(weights)
+
         def take(name: str) -> torch.Tensor:
             t = weights.pop(name)
             return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
         loaded: dict[str, torch.Tensor] = {}
-        for i in range(self.config.num_hidden_layers):
+        fused = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+        biased = {"self_attn.qkv_proj": cfg.attention_bias, "mlp.gate_up_proj": cfg.mlp_bias}
+        for i in range(cfg.num_hidden_layers):
             p = f"model.layers.{i}."
-            loaded[p + "self_attn.qkv_proj.weight"] = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-            loaded[p + "mlp.gate_up_proj.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"),
-                                                               take(p + "mlp.up_proj.weight")])
+            for name, parts in fused.items():
+                for kind in ("weight", "bias") if biased[name] else ("weight",):
+                    loaded[f"{p}{name}.{kind}"] = torch.cat([take(f"{p}{part}.{kind}") for part in parts])
         head_token_ids = weights.pop("lm_head.head_token_ids", None)
         tied = self.lm_head.weight is self.model.embed_tokens.weight
         if tied:
             weights.pop("lm_head.weight", None)
         for name in [n for n in weights if "rotary_emb" not in n]:
             loaded[name] = take(name)
-        if not tied and "lm_head.weight" not in loaded and "model.embed_tokens.weight" in loaded:
-            loaded["lm_head.weight"] = loaded["model.embed_tokens.weight"]
         missing, unexpected = self.load_state_dict(loaded, strict=False, assign=True)
         missing = [m for m in missing if m != "lm_head.weight" or not tied]
         if missing or unexpected:
@@ -264,6 +268,51 @@ class LlamaForCausalLM(nn.Module):
         if tied:  # assigning a new embedding unties the head
             self.lm_head.weight = self.model.embed_tokens.weight
         self._fresh_buffers(head_token_ids)
+
+    def _check_tensors(self, weights: dict[str, torch.Tensor]) -> None:
+        """Refuse, before anything is consumed, a checkpoint whose tensor names or shapes are not the
+        ones config.json implies: a tensor left out would leave a parameter unset (or, for an untied
+        lm_head, silently borrowed from the embedding), one ignored (a bias the config does not
+        declare) would run a different model than the checkpoint's, and a wrong shape would fail
+        deep inside torch with a message that names no tensor."""
+        cfg, tied = self.config, self.lm_head.weight is self.model.embed_tokens.weight
+        H, I, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+        q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+        expected = {"model.embed_tokens.weight": tuple(self.model.embed_tokens.weight.shape), "model.norm.weight": (H,)}
+        if not tied:
+            expected["lm_head.weight"] = tuple(self.lm_head.weight.shape)
+        projs = {"self_attn": ({"q_proj": (q, H), "k_proj": (kv, H), "v_proj": (kv, H), "o_proj": (H, q)},
+                               cfg.attention_bias),
+                 "mlp": ({"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}, cfg.mlp_bias)}
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            expected[p + "input_layernorm.weight"] = expected[p + "post_attention_layernorm.weight"] = (H,)
+            for block, (shapes, bias) in projs.items():
+                for n, shape in shapes.items():
+                    expected[f"{p}{block}.{n}.weight"] = shape
+                    if bias:
+                        expected[f"{p}{block}.{n}.bias"] = shape[:1]
+        optional = {"lm_head.weight", "lm_head.head_token_ids"}
+        missing = sorted(expected.keys() - weights.keys())
+        unexpected = sorted(n for n in weights.keys() - expected.keys() - optional if "rotary_emb" not in n)
+        if missing == ["lm_head.weight"] and not unexpected:
+            raise ValueError("checkpoint has no lm_head.weight but config.json sets tie_word_embeddings false")
+        undeclared = [n for n in unexpected if n.endswith("_proj.bias")]
+        if undeclared:
+            raise ValueError(f"checkpoint has bias tensors ({undeclared[0]}, ...) that config.json does not declare "
+                             "(attention_bias / mlp_bias)")
+        if missing or unexpected:
+            raise ValueError(f"checkpoint tensors do not match config.json: missing {missing[:3]} ({len(missing)} in "
+                             f"all), unexpected {unexpected[:3]} ({len(unexpected)} in all)")
+        if tied and "lm_head.weight" in weights and not torch.equal(weights["lm_head.weight"],
+                                                                     weights["model.embed_tokens.weight"]):
+            # transformers 5 then unties and uses lm_head, vLLM (and transformers 4) the embedding
+            raise ValueError("config.json sets tie_word_embeddings true but the checkpoint's lm_head.weight differs "
+                             "from model.embed_tokens.weight (set it false to use that head)")
+        for name, shape in expected.items():
+            if tuple(weights[name].shape) != shape:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(weights[name].shape)}; config.json "
+                                 f"implies {shape}")
 
     def _fresh_buffers(self, head_token_ids: torch.Tensor | None) -> None:
         """The rotary table and vocabulary maps, on the weights' device (they may have been built on meta)."""
@@ -278,16 +327,17 @@ class LlamaForCausalLM(nn.Module):
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Inverse of load_hf_state_dict, for saving checkpoints (distilled drafts)."""
         out: dict[str, torch.Tensor] = {}
+        c = self.config
         for name, t in self.state_dict().items():
-            if name.endswith("qkv_proj.weight"):
-                c = self.config
+            base, _, kind = name.rpartition(".")  # kind: weight or bias
+            if base.endswith("qkv_proj"):
                 q, k, v = t.split([c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
                                    c.num_key_value_heads * c.head_dim])
-                base = name[: -len("qkv_proj.weight")]
-                out[base + "q_proj.weight"], out[base + "k_proj.weight"], out[base + "v_proj.weight"] = q, k, v
-            elif name.endswith("gate_up_proj.weight"):
-                base = name[: -len("gate_up_proj.weight")]
-                out[base + "gate_proj.weight"], out[base + "up_proj.weight"] = t.chunk(2)
+                base = base[: -len("qkv_proj")]
+                out[f"{base}q_proj.{kind}"], out[f"{base}k_proj.{kind}"], out[f"{base}v_proj.{kind}"] = q, k, v
+            elif base.endswith("gate_up_proj"):
+                base = base[: -len("gate_up_proj")]
+                out[f"{base}gate_proj.{kind}"], out[f"{base}up_proj.{kind}"] = t.chunk(2)
             elif name == "lm_head.weight" and self.config.tie_word_embeddings and not self.config.draft_vocab_size:
                 continue
             else:
