@@ -425,6 +425,15 @@ BAD = [
     ("completions", {"prompt": [[1, 2], [1] * 2000], "max_tokens": 100}, "max_tokens"),
     ("chat/completions", {"messages": "hi"}, "messages"),
     ("chat/completions", {"messages": [{"content": "no role"}]}, "messages"),
+    ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),  # not one of OpenAI's
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages"),
+    # lone surrogates: valid JSON escapes no tokenizer encodes (were a 500)
+    ("completions", '{"prompt": "a\\ud800"}', "prompt"),
+    ("completions", '{"prompt": ["a", "\\udfff"]}', "prompt"),
+    ("chat/completions", '{"messages": [{"role": "user", "content": "\\udc00"}]}', "messages"),
+    ("completions", {"prompt": "x", "stop": ["s"] * 65}, "stop"),  # every step looks for each: 300,000 slowed all
     ("completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
     ("completions", {"prompt": "x", "logprobs": True}, "logprobs"),
     ("chat/completions", {"messages": CHAT, "logprobs": 3}, "logprobs"),
@@ -505,6 +514,11 @@ def test_max_tokens_up_to_the_context_passes(server):
     ('{"prompt": "x"}', {"content-type": "application/x-www-form-urlencoded"}, "Content-Type: application/json"),
     ("", {"content-type": "application/json"}, "request body is empty"),
     ("5", {"content-type": "application/json"}, "must be a JSON object"),
+    ('{"prompt": "x",}', {"content-type": "application/json"}, "Expecting property name enclosed in double quotes at"),
+    # json.loads failures other than a JSONDecodeError were all 'There was an error parsing the body'
+    (b'{"prompt": "\xff"}', {"content-type": "application/json"}, "not valid UTF-8"),
+    ("[" * 100000, {"content-type": "application/json"}, "nested too deeply"),
+    ('{"n": 1' + "0" * 5000 + "}", {"content-type": "application/json"}, "4300 digits"),
 ])
 def test_body_that_is_not_a_json_object_says_so(server, content, headers, message):
     resp = httpx.post(f"{server.url}/v1/completions", content=content, headers=headers, timeout=60)

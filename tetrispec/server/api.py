@@ -79,8 +79,9 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "invalid request", None
     err = errors[0]
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    if err.get("type") == "json_invalid":
-        return f"request body is not valid JSON: {err.get('msg')}", None
+    if err.get("type") == "json_invalid":  # loc is the character where parsing stopped
+        reason = (err.get("ctx") or {}).get("error") or err.get("msg")
+        return f"request body is not valid JSON: {reason} at character {loc[0] if loc else 0}", None
     if not loc:  # the body as a whole: empty, not an object, or not sent as JSON (curl -d without -H)
         return ("request body must be a JSON object sent with 'Content-Type: application/json'"
                 if err.get("type") != "missing" else "request body is empty: send a JSON object"), None
@@ -89,6 +90,28 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if err.get("type") == "value_error":  # our own validators' messages name the field already
         return msg.removeprefix("Value error, "), loc[0]
     return (f"{where}: {msg}" if where else msg), loc[0]
+
+
+def _body_error(exc: StarletteHTTPException) -> str:
+    """FastAPI answers a body json.loads raised on (other than a JSONDecodeError) with a bare 'There
+    was an error parsing the body': say why, from the exception it chained."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"request body is not valid UTF-8: {cause.reason} at byte {cause.start}"
+    if isinstance(cause, RecursionError):
+        return "request body is not valid JSON: nested too deeply"
+    if isinstance(cause, ValueError):  # e.g. an integer of more than 4300 digits
+        return f"request body is not valid JSON: {str(cause).split(';')[0]}"
+    return str(exc.detail)
+
+
+def _check_text(text: str, param: str) -> None:
+    """JSON can carry lone surrogates ("\\ud800"), which no tokenizer encodes: a 400, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} holds a lone surrogate ({text[e.start]!r}), which is not valid Unicode",
+                       param) from None
 
 
 class BearerAuth:
@@ -153,7 +176,8 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        message = _body_error(exc) if exc.status_code == 400 else str(exc.detail)
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -240,6 +264,8 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise APIError(400, "prompt is empty" if len(prompts) == 1 else f"prompt {i} is empty", "prompt")
+            if isinstance(prompt, str):
+                _check_text(prompt, "prompt")
         ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]  # as the engine would
         request_id = f"cmpl-{uuid.uuid4().hex}"
         stream = await submit(ids, body, body.max_tokens, "prompt", request_id)
@@ -275,12 +301,15 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         if not body.messages:
             raise APIError(400, "messages is empty", "messages")
         messages = []
-        for m in body.messages:
+        for i, m in enumerate(body.messages):
             content = m.content or ""
             if isinstance(content, list):
                 if any(p.type != "text" for p in content):
                     raise APIError(400, "only text content parts are supported", "messages")
-                content = "".join(p.text or "" for p in content)
+                if any(p.text is None for p in content):
+                    raise APIError(400, f"messages.{i}.content: a text part needs its 'text'", "messages")
+                content = "".join(p.text for p in content)
+            _check_text(content, "messages")
             messages.append({"role": m.role, "content": content})
         try:
             rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)

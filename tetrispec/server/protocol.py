@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tetrispec.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_N = 128  # choices per request: each is an engine request of its own
+# Stop strings per request (OpenAI allows 4): every step looks for each in the new text, so a
+# request with 300,000 of them slowed every running request's steps 30-fold.
+MAX_STOP = 64
+# OpenAI's message roles; the chat template would render any string, so a typo would pass unseen.
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
 class StrictModel(BaseModel):
@@ -60,6 +65,8 @@ class SamplingRequest(StrictModel):
 
     def sampling_params(self, max_tokens: int | None) -> SamplingParams:
         """Raises ValueError naming the offending field first (e.g. 'top_p must be ...')."""
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            raise ValueError(f"stop must be at most {MAX_STOP} strings, got {len(self.stop)}")
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -127,7 +134,7 @@ class ContentPart(StrictModel):
 
 
 class ChatMessage(StrictModel):
-    role: str
+    role: Literal[ROLES]
     content: str | list[ContentPart] | None = None
 
 
