@@ -49,11 +49,27 @@ def test_generate_takes_penalties_and_min_p(tiny_pair, capsys):
     # checked before the run (which needs a server), not after it: the results were lost
     (["bench", "--base-url", "http://127.0.0.1:1", "--output", "/proc/no/results.json"], "--output"),
     (["bench", "--base-url", "http://127.0.0.1:1", "--output", "/"], "--output"),
+    # with --model given, every request failed and the run ended with exit code 1
+    (["bench", "--base-url", "localhost:8000", "--model", "m"], "--base-url"),
+    (["bench", "--base-url", "ftp://host", "--model", "m"], "--base-url"),
+    (["generate", "--prompt", "x", "--num-threads", "100000"], "num_threads"),  # was a segfault (exit -11)
+    (["profile", "--profile-path", "/"], "is a directory"),  # was an IsADirectoryError traceback after the load
 ])
 def test_user_errors_are_one_line_exit_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err and "Traceback" not in err
+
+
+def test_bad_prompts_file_line_and_profile_are_one_line_exit_2(tmp_path, capsys):
+    prompts, profile = tmp_path / "prompts.jsonl", tmp_path / "profile.json"
+    prompts.write_text('{"prompt": "fine"}\n{"prompt": null}\n')  # null was generated from as the prompt "None"
+    profile.write_text("not json")  # was json's bare 'Expecting value: line 1 column 1 (char 0)', after the load
+    for argv, message in ((["generate", "--prompts-file", str(prompts)], "line 2: 'prompt' must be a string"),
+                          (["generate", "--prompt", "x", "--profile-path", str(profile)], "not a profile")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err and "--" in err, err
 
 
 @pytest.mark.parametrize("argv", [

@@ -8,6 +8,8 @@ import torch
 
 SPEC_METHODS = ("none", "fixed", "tetris", "dsd")
 DEFAULT = "default"  # sentinel: use the shipped default draft when one exists
+# torch.set_num_threads takes any positive int, and 65536 threads crashed the process (SIGSEGV).
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -65,6 +67,9 @@ class EngineConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
                 f"({self.max_model_len}): a whole prompt is prefilled in one step"
             )
+        if self.num_threads is not None and (isinstance(self.num_threads, bool) or not isinstance(self.num_threads, int)
+                                             or not 1 <= self.num_threads <= MAX_THREADS):
+            raise ValueError(f"num_threads must be an integer in [1, {MAX_THREADS}], got {self.num_threads!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if self.num_kv_blocks is None and not 0 < self.kv_cache_memory_gb < float("inf"):

@@ -62,6 +62,20 @@ def check_dataset_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--dataset-path {args.dataset_path}: no such file")
 
 
+def check_base_url(url: str) -> None:
+    """A --base-url that is no http(s) URL failed every request, and the run ended with exit code 1."""
+    import httpx
+
+    from tetrispec.cli import CLIError
+
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise CLIError(f"--base-url {url!r}: {e}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise CLIError(f"--base-url {url!r}: expected an http:// or https:// URL with a host")
+
+
 def check_output(path: str | None) -> None:
     """Fail before the benchmark, not after it: an --output that cannot be written lost the run."""
     import os
@@ -157,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     from tetrispec.bench.client import format_table, run_benchmark, summarize
 
     check_dataset_args(args)
+    check_base_url(args.base_url)
     check_output(args.output)
     model = args.model or served_model(args.base_url, args.api_key)
     tokenizer = load_tokenizer(args.tokenizer)

@@ -70,7 +70,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 
 
 def check_paths(args: argparse.Namespace) -> None:
-    """Fail fast, before loading anything, on model paths that do not exist."""
+    """Fail fast, before loading anything, on model paths that do not exist and on a --profile-path
+    that cannot be a profile (read after the load, or written after minutes of profiling)."""
+    import json
     from pathlib import Path
 
     from tetrispec.cli import CLIError
@@ -78,3 +80,11 @@ def check_paths(args: argparse.Namespace) -> None:
     for flag, value in (("--model", args.model), ("--speculative-model", args.speculative_model)):
         if value not in (None, DEFAULT) and not Path(value).exists():
             raise CLIError(f"{flag} {value}: no such file or directory")
+    profile = Path(args.profile_path) if args.profile_path else None
+    if profile is not None and profile.is_dir():
+        raise CLIError(f"--profile-path {profile}: is a directory; give a file name")
+    if profile is not None and profile.exists():
+        try:
+            json.loads(profile.read_text())
+        except (OSError, ValueError) as e:
+            raise CLIError(f"--profile-path {profile}: not a profile ({type(e).__name__}: {e})") from None

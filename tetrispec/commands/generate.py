@@ -45,9 +45,12 @@ def read_prompts(args) -> list[str]:
                 continue
             if line.lstrip().startswith("{"):
                 try:
-                    prompts.append(str(json.loads(line)["prompt"]))
+                    prompt = json.loads(line)["prompt"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise CLIError(f"--prompts-file {path}: line {n} is not a JSON object with a 'prompt'") from None
+                if not isinstance(prompt, str):  # str() made null the prompt "None"
+                    raise CLIError(f"--prompts-file {path}: line {n}: 'prompt' must be a string, got {prompt!r}")
+                prompts.append(prompt)
             else:
                 prompts.append(line)
     if not prompts:
