@@ -30,6 +30,11 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # vLLM's: EOS and stop_token_ids cannot be sampled, and stop strings do not match, before this
+    # many output tokens (the tokens' probabilities are zeroed, not skipped after sampling).
+    min_tokens: int = 0
+    # vLLM's: keep the matched stop string (or stop token's text) at the end of the output text.
+    include_stop_str_in_output: bool = False
     # Target log-probabilities of each emitted token plus this many most likely alternatives;
     # None: off (nothing computed, greedy batches keep their argmax-only fast path).
     logprobs: int | None = None
@@ -73,6 +78,12 @@ class SamplingParams:
             isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
         ):
             raise bad("max_tokens", self.max_tokens, "a positive integer")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", self.min_tokens, "a non-negative integer")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise bad("min_tokens", self.min_tokens, f"at most max_tokens ({self.max_tokens})")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise bad("include_stop_str_in_output", self.include_stop_str_in_output, "a boolean")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", self.stop, "a list of non-empty strings")
         if not all(map(_is_token_id, self.stop_token_ids)):
@@ -107,9 +118,9 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Penalties or a logit bias: the logits sampled from are not the model's (so greedy is no
-        longer the raw argmax, and the argmax-only fast path does not apply)."""
-        return self.has_penalties or bool(self.logit_bias)
+        """Penalties, a logit bias or min_tokens: the logits sampled from are not the model's (so
+        greedy is no longer the raw argmax, and the argmax-only fast path does not apply)."""
+        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0
 
 
 def _is_token_id(value: object) -> bool:

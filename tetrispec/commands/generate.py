@@ -27,6 +27,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--min-tokens", type=int, default=0, help="no EOS, stop id or stop string before this many tokens")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -65,7 +66,7 @@ def run(args) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                             max_tokens=args.max_tokens, stop=args.stop, ignore_eos=args.ignore_eos, min_p=args.min_p,
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                            repetition_penalty=args.repetition_penalty)
+                            repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens)
     check_paths(args)
     llm = LLM(**engine_kwargs(args))
     if args.chat and llm.tokenizer.chat_template:

@@ -178,6 +178,7 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens; the context limit is {self.max_model_len}")
         seq = Sequence(request_id or str(next(self._ids)), ids, params, prompt=text)
+        seq.stop_ids = tuple(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)))
         seq.detokenizer = IncrementalDetokenizer(self.tokenizer, len(ids))
         self.scheduler.add(seq)
         return seq
@@ -349,6 +350,17 @@ class LLMEngine:
             if logprobs:
                 seq.logprobs.append(logprobs[kept])
             kept += 1
+            if seq.num_output_tokens < params.min_tokens:  # no stop rule yet (EOS, stop ids are held back)
+                if seq.num_tokens >= self.max_model_len:
+                    seq.finish_reason = "length"
+                    break
+                if seq.num_output_tokens == params.min_tokens - 1 and params.stop:
+                    # stop strings must end in the text of the next token or later: where that starts is
+                    # measured on the tokens, not on what the streamed text shows so far (which depends
+                    # on how many tokens each step brought, and would make speculation change the output)
+                    text = IncrementalDetokenizer(self.tokenizer, seq.num_prompt_tokens).step(seq.token_ids, True)
+                    seq.stop_text_from = len(text.rstrip("\ufffd"))
+                continue
             if not params.ignore_eos and token in self.eos_ids:
                 seq.finish_reason, seq.stop_reason = "stop", None
             elif token in params.stop_token_ids:
@@ -367,20 +379,20 @@ class LLMEngine:
         return kept
 
     def _detokenize(self, seq: Sequence) -> None:
-        ids = seq.token_ids
-        if seq.finish_reason == "stop" and seq.stop_reason is None or isinstance(seq.stop_reason, int):
-            ids = ids[:-1]  # the stop token itself is not part of the text
+        ids, params = seq.token_ids, seq.params
+        if seq.finish_reason == "stop" and (seq.stop_reason is None or not params.include_stop_str_in_output):
+            ids = ids[:-1]  # the stop token itself is not part of the text (EOS never is)
         before = len(seq.output_text)
         seq.output_text += seq.detokenizer.step(ids, final=seq.finish_reason is not None)
-        if not seq.params.stop:
+        if not params.stop or seq.num_output_tokens < params.min_tokens:
             return
-        longest = max(len(s) for s in seq.params.stop)
+        longest = max(len(s) for s in params.stop)
         window_start = max(0, before - longest + 1)
-        hits = [(seq.output_text.find(s, window_start), s) for s in seq.params.stop]
+        hits = [(seq.output_text.find(s, max(window_start, seq.stop_text_from - len(s) + 1)), s) for s in params.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
         if hits:
             index, stop = min(hits)
-            seq.output_text = seq.output_text[:index]
+            seq.output_text = seq.output_text[:index + (len(stop) if params.include_stop_str_in_output else 0)]
             seq.finish_reason, seq.stop_reason = "stop", stop
 
     def make_output(self, seq: Sequence) -> RequestOutput:

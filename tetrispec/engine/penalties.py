@@ -1,10 +1,11 @@
-"""Logit bias and presence, frequency and repetition penalties: logits adjusted per request.
+"""Logit bias, min_tokens and presence, frequency and repetition penalties: logits adjusted per request.
 
 For a token t with count c_t in the output so far (OpenAI's logit bias b_t, presence and frequency
 penalties, vLLM's and Hugging Face's repetition penalty, applied in vLLM's order):
   logit_t += b_t
   if t is in the prompt or the output:  logit_t = logit_t / r if logit_t > 0 else logit_t * r
   logit_t -= frequency_penalty * c_t + presence_penalty * [c_t > 0]
+  while the output is shorter than min_tokens:  logit_t = -inf for EOS and the stop token ids
 The result feeds temperature, min_p, top-k and top-p as raw logits would (greedy takes its argmax).
 
 Row r of a batch follows its request's output plus `drafts[r]`: in a verify forward, row j of a
@@ -37,6 +38,11 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], drafts: list[lis
         cells = torch.tensor([i * V + t for i, bias in biased for t in bias], device=device)
         values = torch.tensor([v for _, bias in biased for v in bias.values()], dtype=sub.dtype, device=device)
         sub = sub.flatten().index_add(0, cells, values).view(len(rows), V)
+    held = [(i, seqs[r].stop_ids) for i, r in enumerate(rows)
+            if seqs[r].num_output_tokens + (len(drafts[r]) if drafts else 0) < seqs[r].params.min_tokens]
+    if held:
+        cells = torch.tensor([i * V + t for i, ids in held for t in ids if t < V], dtype=torch.long, device=device)
+        sub = sub.flatten().index_fill(0, cells, float("-inf")).view(len(rows), V)
     if not any(p.has_penalties for p in params):
         return logits.index_copy(0, index, sub)
     owner_of: dict[int, int] = {}  # id(seq) -> its row in the per-request tensors below

@@ -35,6 +35,8 @@ class Sequence:
     output_text: str = ""
     stop_reason: str | int | None = None
     num_preemptions: int = 0
+    stop_ids: tuple[int, ...] = ()  # EOS (unless ignore_eos) and stop_token_ids: what min_tokens holds back
+    stop_text_from: int = 0  # with min_tokens, a stop string must end past this many characters of output text
     spec: SpecStats = field(default_factory=SpecStats)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if params.logprobs is set
     arrival_time: float = field(default_factory=time.monotonic)
