@@ -65,7 +65,10 @@ def test_bad_prompts_file_line_and_profile_are_one_line_exit_2(tmp_path, capsys)
     prompts, profile = tmp_path / "prompts.jsonl", tmp_path / "profile.json"
     prompts.write_text('{"prompt": "fine"}\n{"prompt": null}\n')  # null was generated from as the prompt "None"
     profile.write_text("not json")  # was json's bare 'Expecting value: line 1 column 1 (char 0)', after the load
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café\n".encode("latin-1"))  # the message named neither the flag nor the file
     for argv, message in ((["generate", "--prompts-file", str(prompts)], "line 2: 'prompt' must be a string"),
+                          (["generate", "--prompts-file", str(latin1)], "latin1.txt: cannot read (UnicodeDecodeError"),
                           (["generate", "--prompt", "x", "--profile-path", str(profile)], "not a profile")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()

@@ -41,7 +41,11 @@ def read_prompts(args) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise CLIError(f"--prompts-file {path}: no such file")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CLIError(f"--prompts-file {path}: cannot read ({type(e).__name__}: {e})") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             if line.lstrip().startswith("{"):
