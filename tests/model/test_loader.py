@@ -285,8 +285,6 @@ BAD_CHECKPOINTS = {  # name: (tiny_ref overrides, config edit, weights edit, err
                         "bias tensors .* that config.json does not declare"),
     "untied_without_lm_head": ({}, None, _drop("lm_head.weight"), "no lm_head.weight but config.json sets "
                                "tie_word_embeddings false"),
-    "tied_with_distinct_lm_head": (dict(tie_word_embeddings=True), None, _distinct_head,
-                                   "lm_head.weight differs from model.embed_tokens.weight"),
 }
 
 
@@ -298,6 +296,17 @@ def test_unsupported_or_inconsistent_checkpoints_are_refused(tmp_path, bpe, name
     save_hf(tiny_ref(bpe.get_vocab_size(), **overrides), tmp_path, bpe, edit_config, edit_weights)
     with pytest.raises(ValueError, match=error):
         load_model(tmp_path)
+
+
+def test_tied_config_with_a_distinct_lm_head_uses_the_embedding(tmp_path, bpe, caplog):
+    """vLLM's (and transformers 4's) reading: tie_word_embeddings wins and the stored head is ignored."""
+    ref = tiny_ref(bpe.get_vocab_size(), tie_word_embeddings=True)
+    save_hf(ref, tmp_path, bpe, edit_weights=_distinct_head)
+    with caplog.at_level("WARNING"):
+        model, _ = load_model(tmp_path)
+    assert "lm_head.weight differs" in caplog.text
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    torch.testing.assert_close(logits_of(model, IDS), ref_logits(ref, IDS), atol=1e-4, rtol=1e-4)
 
 
 def test_cli_refuses_a_bad_checkpoint_in_one_line(tmp_path, bpe, capsys):

@@ -6,6 +6,7 @@ q/k/v and gate/up projections are fused at load time (one matmul instead of thre
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -16,6 +17,8 @@ from tetrispec.model.attention import AttentionMetadata, paged_attention
 from tetrispec.model.config import ModelConfig
 from tetrispec.model.cpu_kernel import cpu_ops
 from tetrispec.model.gemm_rows import Linear
+
+logger = logging.getLogger(__name__)
 
 
 def _fused_ops(x: torch.Tensor):
@@ -306,9 +309,11 @@ class LlamaForCausalLM(nn.Module):
                              f"all), unexpected {unexpected[:3]} ({len(unexpected)} in all)")
         if tied and "lm_head.weight" in weights and not torch.equal(weights["lm_head.weight"],
                                                                      weights["model.embed_tokens.weight"]):
-            # transformers 5 then unties and uses lm_head, vLLM (and transformers 4) the embedding
-            raise ValueError("config.json sets tie_word_embeddings true but the checkpoint's lm_head.weight differs "
-                             "from model.embed_tokens.weight (set it false to use that head)")
+            # vLLM and transformers 4 (which most checkpoints were made and evaluated with) tie and
+            # ignore the stored head; transformers 5 would use it
+            logger.warning("config.json sets tie_word_embeddings true but the checkpoint's lm_head.weight differs "
+                           "from model.embed_tokens.weight: the embedding is used (as vLLM does); set "
+                           "tie_word_embeddings false in config.json to use that head")
         for name, shape in expected.items():
             if tuple(weights[name].shape) != shape:
                 raise ValueError(f"checkpoint tensor {name} has shape {tuple(weights[name].shape)}; config.json "
