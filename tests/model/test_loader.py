@@ -495,3 +495,10 @@ def test_default_smollm2():
     assert tok.encode("<|im_start|>") == [1] and tok.eos_token_ids == [2]  # <|im_end|>
     logits = logits_of(model, tok.encode("The capital of France is"))
     assert tok.decode([int(logits[-1].argmax())]) == " Paris"
+
+
+def test_unsupported_rope_is_refused_from_the_config_alone():
+    """Before any weight is read (a 70B checkpoint takes minutes to read)."""
+    base = dict(vocab_size=10, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4)
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'yarn'"):
+        ModelConfig.from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})

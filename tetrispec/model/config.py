@@ -40,6 +40,9 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
+        if kind not in (None, "default", "linear", "llama3"):  # refused before any weight is read
+            raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
 
     @classmethod
     def from_hf(cls, d: dict) -> ModelConfig:
