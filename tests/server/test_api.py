@@ -135,6 +135,7 @@ def blocks_free(server) -> bool:
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [NAME]
     assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.head(f"{server.url}/health").status_code == 200  # was 405
     missing = httpx.get(f"{server.url}/v1/nothing")
     assert missing.status_code == 404 and missing.json()["error"]["message"]
 
@@ -458,6 +459,8 @@ BAD = [
     ("completions", {"prompt": "x", "logit_bias": {"50": -101}}, "logit_bias"),
     ("completions", {"prompt": "x", "logit_bias": {"fifty": 1}}, "logit_bias"),
     ("completions", {"prompt": "x", "logit_bias": [50]}, "logit_bias"),
+    ("completions", {"prompt": "x", "logit_bias": {"1_0": 1}}, "logit_bias"),  # int() read these as ids 10 and 1
+    ("completions", {"prompt": "x", "logit_bias": {" 1 ": 1}}, "logit_bias"),
     ("chat/completions", {"messages": CHAT, "logit_bias": {"999999999": 1}}, "logit_bias"),  # past the vocabulary
     ("completions", {"prompt": "x", "suffix": "end"}, "suffix"),
     ("chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),  # without logprobs: true

@@ -187,7 +187,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         app.add_middleware(BearerAuth, api_key=api_key)
 
     # ---- plain routes ---------------------------------------------------------------------
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: busybox `wget --spider` health checks
     async def health() -> Response:
         return Response(status_code=200 if async_engine.is_running else 503)
 

@@ -311,7 +311,9 @@ def _token_bias(value: Any) -> dict[int, float] | None:
         return None
     if not isinstance(value, dict):
         raise ValueError(f"logit_bias must be a map from token ids to numbers in [-100, 100], got {value!r}")
-    try:
+    try:  # digits only: int() also reads " 1 ", "1_0" and "١" (an Arabic-Indic one)
+        if not all(k.isascii() and k.isdigit() for k in value):
+            raise ValueError
         return {int(k): v for k, v in value.items()}
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, AttributeError):
         raise ValueError(f"logit_bias keys must be token ids (integers), got {list(value)!r}") from None
