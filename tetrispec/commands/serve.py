@@ -58,11 +58,14 @@ def listen(host: str, port: int) -> socket.socket:
 def run(args) -> int:
     import uvicorn
 
+    from tetrispec.cli import CLIError
     from tetrispec.engine.async_engine import AsyncEngine
     from tetrispec.engine.llm_engine import LLMEngine
     from tetrispec.llm import build_config
     from tetrispec.server.api import build_app
 
+    if args.api_key == "":  # would demand 'Bearer ' and nothing else: no client can send that key
+        raise CLIError("--api-key is empty (is TETRISPEC_API_KEY set to ''?); give a key or unset it")
     check_paths(args)
     sock = listen(args.host, args.port)
     name = served_name(args)
