@@ -60,6 +60,11 @@ def read_prompts(args) -> list[str]:
                 prompts.append(line)
     if not prompts:
         raise CLIError("give at least one --prompt or a --prompts-file")
+    for prompt in prompts:  # argv bytes that are not UTF-8 arrive as lone surrogates, which no tokenizer encodes
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CLIError(f"--prompt {prompt!r} is not valid UTF-8 (is the terminal's encoding UTF-8?)") from None
     return prompts
 
 
