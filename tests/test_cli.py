@@ -55,6 +55,7 @@ def test_generate_takes_penalties_and_min_p(tiny_pair, capsys):
     (["generate", "--prompt", "x", "--num-threads", "100000"], "num_threads"),  # was a segfault (exit -11)
     (["profile", "--profile-path", "/"], "is a directory"),  # was an IsADirectoryError traceback after the load
     (["generate", "--prompt", "caf\udce9"], "not valid UTF-8"),  # Latin-1 argv: was a TypeError traceback, exit 1
+    (["profile", "--profile-path", "/proc/no/profile.json"], "cannot create"),  # was after profiling, lost
     (["serve", "--api-key", ""], "--api-key is empty"),  # served requests demanding the key 'Bearer ' alone
 ])
 def test_user_errors_are_one_line_exit_2(argv, message, capsys):

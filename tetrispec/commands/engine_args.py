@@ -88,3 +88,8 @@ def check_paths(args: argparse.Namespace) -> None:
             json.loads(profile.read_text())
         except (OSError, ValueError) as e:
             raise CLIError(f"--profile-path {profile}: not a profile ({type(e).__name__}: {e})") from None
+    elif profile is not None:
+        try:
+            profile.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise CLIError(f"--profile-path {profile}: cannot create {profile.parent}: {e.strerror}") from None
