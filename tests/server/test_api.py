@@ -38,6 +38,7 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 REPEATING = ["1, 2, 3, 4, 5,", "a a a a a a a a"]  # prompts whose greedy outputs each penalty changes
 PENALTIES = [dict(presence_penalty=1.5), dict(frequency_penalty=1.5), dict(repetition_penalty=1.3)]
 MIN_P = dict(temperature=1.0, seed=5, min_p=0.3)
+MIN_TOKENS = dict(min_tokens=MAX_TOKENS, stop=[" "])  # no stop string matches before the last token
 REQUIRED_METRICS = [
     "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:prompt_tokens",
     "vllm:generation_tokens", "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
@@ -90,7 +91,9 @@ def refs(llm) -> dict:
                                                         use_tqdm=False)] for kw in [{}] + PENALTIES],
             "min_p": llm.generate(PROMPTS[2], SamplingParams(max_tokens=MAX_TOKENS, **MIN_P), use_tqdm=False)[0].text,
             "sampled": llm.generate(PROMPTS[2], SamplingParams(max_tokens=MAX_TOKENS, seed=5), use_tqdm=False)[0].text,
-            "chat_logprobs": llm.chat(CHAT, with_logprobs, use_tqdm=False)[0].logprobs}
+            "chat_logprobs": llm.chat(CHAT, with_logprobs, use_tqdm=False)[0].logprobs,
+            "held": llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                                            **MIN_TOKENS), use_tqdm=False)[0].text}
 
 
 @pytest.fixture(scope="module")
@@ -388,6 +391,17 @@ def test_logit_bias(client, refs):
             assert chat.choices[0].message.content != refs["chat"]
 
 
+def test_min_tokens_and_include_stop_str_in_output(client, refs):
+    """vLLM's stop-rule fields as extra fields, sampled as the offline API does."""
+    args = dict(model=NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+    held = client.completions.create(**args, extra_body={"ignore_eos": True, **MIN_TOKENS}).choices[0].text
+    assert held == refs["held"] and " " in held[:-1]
+    cut = client.completions.create(**args, stop=[" "], extra_body={"ignore_eos": True}).choices[0]
+    kept = client.completions.create(**args, stop=[" "], extra_body={"ignore_eos": True,
+                                                                      "include_stop_str_in_output": True}).choices[0]
+    assert kept.text == cut.text + " " and kept.finish_reason == cut.finish_reason == "stop"
+
+
 def test_choice_seeds_stay_in_range():
     top = SamplingParams(seed=2**64 - 1)
     assert [p.seed for p in choice_params(top, 3)] == [2**64 - 1, -(2**63), -(2**63) + 1]
@@ -447,6 +461,10 @@ BAD = [
     ("completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ("completions", {"prompt": "x", "repetition_penalty": "high"}, "repetition_penalty"),
     ("chat/completions", {"messages": CHAT, "min_p": 1.5}, "min_p"),
+    ("completions", {"prompt": "x", "min_tokens": -1}, "min_tokens"),
+    ("completions", {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens"),
+    ("chat/completions", {"messages": CHAT, "min_tokens": "2"}, "min_tokens"),
+    ("chat/completions", {"messages": CHAT, "include_stop_str_in_output": 1}, "include_stop_str_in_output"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi " * 2100}]}, "messages"),
     # values torch cannot hold: top_k used to fail the whole engine step (a 500 for every running request)
     ("completions", {"prompt": "x", "top_k": 10**30}, "top_k"),

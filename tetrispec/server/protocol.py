@@ -4,7 +4,8 @@ Requests are strict, so a string where a number belongs is a 400 rather than a s
 coercion, and ignore fields they do not know, as OpenAI-compatible servers commonly do (clients
 send `user`, `logprobs: null` and the like). Value ranges are SamplingParams' job: one
 validator for the offline API and the server. Extensions over OpenAI's fields: top_k, min_p,
-repetition_penalty, ignore_eos and stop_token_ids in requests (vLLM's names), spec_stats in responses.
+repetition_penalty, ignore_eos, stop_token_ids, min_tokens and include_stop_str_in_output in requests
+(vLLM's names), spec_stats in responses.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class SamplingRequest(StrictModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    min_tokens: int | None = None  # vLLM's extension; default 0
+    include_stop_str_in_output: bool = False  # vLLM's extension
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None  # completions: alternatives per token (an int); chat: on or off
@@ -75,7 +78,8 @@ class SamplingRequest(StrictModel):
             stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos, logprobs=self.num_logprobs(),
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            min_p=self.min_p or 0.0, logit_bias=_token_bias(self.logit_bias),
+            min_p=self.min_p or 0.0, logit_bias=_token_bias(self.logit_bias), min_tokens=self.min_tokens or 0,
+            include_stop_str_in_output=self.include_stop_str_in_output,
         )
 
     @property
