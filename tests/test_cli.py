@@ -57,6 +57,8 @@ def test_generate_takes_penalties_and_min_p(tiny_pair, capsys):
     (["generate", "--prompt", "caf\udce9"], "not valid UTF-8"),  # Latin-1 argv: was a TypeError traceback, exit 1
     (["profile", "--profile-path", "/proc/no/profile.json"], "cannot create"),  # was after profiling, lost
     (["serve", "--api-key", ""], "--api-key is empty"),  # served requests demanding the key 'Bearer ' alone
+    (["generate", "--prompt", "x", "--num-speculative-tokens", "512"], "at most 64"),  # ran 38 s for 4 tokens
+    (["generate", "--prompt", "x", "--min-tokens", "-1"], "min_tokens"),
 ])
 def test_user_errors_are_one_line_exit_2(argv, message, capsys):
     assert main(argv) == 2

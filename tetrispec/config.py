@@ -10,6 +10,9 @@ SPEC_METHODS = ("none", "fixed", "tetris", "dsd")
 DEFAULT = "default"  # sentinel: use the shipped default draft when one exists
 # torch.set_num_threads takes any positive int, and 65536 threads crashed the process (SIGSEGV).
 MAX_THREADS = 1024
+# Draft levels per step (k + e, DSD's max k): each is a draft forward, acceptance falls geometrically
+# with depth, and 512 levels took 38 s for 4 tokens; deeper than this is a typo, not a setting.
+MAX_DRAFT_DEPTH = 64
 
 
 @dataclass
@@ -34,6 +37,11 @@ class SpecConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.tetris_extra_proposals, int) or self.tetris_extra_proposals < 0:
             raise ValueError(f"tetris_extra_proposals must be >= 0, got {self.tetris_extra_proposals!r}")
+        if self.num_speculative_tokens + self.tetris_extra_proposals > MAX_DRAFT_DEPTH:
+            raise ValueError(f"num_speculative_tokens + tetris_extra_proposals must be at most {MAX_DRAFT_DEPTH}, "
+                             f"got {self.num_speculative_tokens} + {self.tetris_extra_proposals}")
+        if self.dsd_max_k > MAX_DRAFT_DEPTH:
+            raise ValueError(f"dsd_max_k must be at most {MAX_DRAFT_DEPTH}, got {self.dsd_max_k}")
         cap = self.tetris_capacity
         if cap is not None and cap != "auto" and (not isinstance(cap, int) or cap < 0):
             raise ValueError(f"tetris_capacity must be a non-negative integer or 'auto', got {cap!r}")

@@ -269,3 +269,14 @@ def test_sentencepiece_added_tokens_and_errors(tmp_path):
     (tmp_path / "tokenizer.model").unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
         Tokenizer.from_hf_dir(tmp_path)
+
+
+def test_text_that_is_not_unicode_is_a_value_error():
+    """A lone surrogate ("\\ud800", valid in JSON and Python strings) was the tokenizers library's
+    TypeError, which the engine's callers do not treat as bad input."""
+    tok = Tokenizer(train_byte_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False)), None, [], False, None)
+    assert tok.encode("hello world") == tok.tok.encode("hello world", add_special_tokens=False).ids
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tok.encode("a\ud800b")
+    with pytest.raises(ValueError, match="must be a string"):
+        tok.encode(None)

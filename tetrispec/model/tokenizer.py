@@ -332,7 +332,14 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Special tokens written in the text (e.g. from a chat template) become their ids."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        if not isinstance(text, str):
+            raise ValueError(f"text to encode must be a string, got {type(text).__name__}")
+        try:
+            # encode_batch lets other threads run while it works (encode holds the GIL): the server
+            # encodes on a worker thread, and a megabyte prompt must not stall the engine's steps
+            ids = self.tok.encode_batch([text], add_special_tokens=False)[0].ids
+        except TypeError:  # what tokenizers raises for a lone surrogate: valid JSON, not Unicode
+            raise ValueError("the text is not valid Unicode (it holds a lone surrogate code point)") from None
         if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]
         return ids
