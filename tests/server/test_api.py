@@ -158,6 +158,8 @@ def test_chat(client, refs):
     assert resp.choices[0].message.role == "assistant"
     assert resp.choices[0].message.content == refs["chat"]
     assert resp.usage.completion_tokens <= MAX_TOKENS and "spec_stats" in resp.model_extra
+    tool_turn = [*CHAT, {"role": "assistant", "content": "x"}, {"role": "ipython", "content": "42"}]
+    assert client.chat.completions.create(model=NAME, messages=tool_turn, max_tokens=2).choices  # Llama 3.1's role
 
 
 def test_streaming_completion_and_chat(client, refs):

@@ -21,8 +21,9 @@ MAX_N = 128  # choices per request: each is an engine request of its own
 # Stop strings per request (OpenAI allows 4): every step looks for each in the new text, so a
 # request with 300,000 of them slowed every running request's steps 30-fold.
 MAX_STOP = 64
-# OpenAI's message roles; the chat template would render any string, so a typo would pass unseen.
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+# OpenAI's message roles, and Llama 3.1's `ipython` (tool output in its template); the chat template
+# would render any string, so a typo would pass unseen.
+ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
 
 class StrictModel(BaseModel):
