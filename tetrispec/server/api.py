@@ -105,15 +105,6 @@ def _body_error(exc: StarletteHTTPException) -> str:
     return str(exc.detail)
 
 
-def _check_text(text: str, param: str) -> None:
-    """JSON can carry lone surrogates ("\\ud800"), which no tokenizer encodes: a 400, not a 500."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise APIError(400, f"{param} holds a lone surrogate ({text[e.start]!r}), which is not valid Unicode",
-                       param) from None
-
-
 class BearerAuth:
     """ASGI middleware: /v1 routes need `Authorization: Bearer <key>`; /health and /metrics do not,
     so probes and scrapers need no secret."""
@@ -258,17 +249,23 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         except EngineClosedError as e:
             raise APIError(503, str(e), code="shutting_down") from None
 
+    async def encode(texts: list, param: str, **kw) -> list[list[int]]:
+        """Texts to token ids (token-id lists pass as they are), as the engine would, on a worker thread:
+        an 8 MB prompt takes 6 s to encode, and on the event loop every stream would wait that long. The
+        tokenizer's ValueError (a lone surrogate: valid JSON, not Unicode) is a 400, not a 500."""
+        try:
+            return await asyncio.to_thread(lambda: [tokenizer.encode(t, **kw) if isinstance(t, str) else t
+                                                    for t in texts])
+        except ValueError as e:
+            raise APIError(400, f"{param}: {e}", param) from None
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         prompts = body.prompts()
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise APIError(400, "prompt is empty" if len(prompts) == 1 else f"prompt {i} is empty", "prompt")
-            if isinstance(prompt, str):
-                _check_text(prompt, "prompt")
-        # As the engine would, on a worker thread: an 8 MB prompt takes 6 s to encode, and on the event loop
-        # every stream waits that long (this helps as far as the tokenizer releases the GIL while it encodes).
-        ids = await asyncio.to_thread(lambda: [tokenizer.encode(p) if isinstance(p, str) else p for p in prompts])
+        ids = await encode(prompts, "prompt")
         request_id = f"cmpl-{uuid.uuid4().hex}"
         stream = await submit(ids, body, body.max_tokens, "prompt", request_id)
         n = body.n or 1
@@ -311,13 +308,12 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
                 if any(p.text is None for p in content):
                     raise APIError(400, f"messages.{i}.content: a text part needs its 'text'", "messages")
                 content = "".join(p.text for p in content)
-            _check_text(content, "messages")
             messages.append({"role": m.role, "content": content})
         try:
             rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except (jinja2.TemplateError, ValueError, TypeError) as e:
             raise APIError(400, f"chat template failed: {e}", "messages") from None
-        ids = await asyncio.to_thread(tokenizer.encode, rendered, add_special_tokens=False)
+        ids = (await encode([rendered], "messages", add_special_tokens=False))[0]
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         newer = body.max_completion_tokens is not None
         max_tokens = body.max_completion_tokens if newer else body.max_tokens
