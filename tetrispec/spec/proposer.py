@@ -6,10 +6,10 @@ without speculation, and the prompt itself, which the draft first reads when it 
 fed inside the first draft forward, so catching up costs no extra forward; a long one gets a
 forward of its own first, so that one request's prompt does not pad every other query row.
 
-Requests with a logit bias or presence / frequency / repetition penalties draft from adjusted distributions,
-counting their own earlier drafts as the target's verify rows do: the draft then proposes what the
-target would, so more is accepted. Losslessness does not rest on it: rejection sampling uses
-whatever q the draft sampled from.
+Requests with adjusted logits (a logit bias, min_tokens, presence / frequency / repetition penalties)
+draft from the adjusted distributions, counting their own earlier drafts as the target's verify rows
+do: the draft then proposes what the target would, so more is accepted. Losslessness does not rest on
+it: rejection sampling uses whatever q the draft sampled from.
 """
 
 from __future__ import annotations
