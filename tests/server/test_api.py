@@ -482,6 +482,7 @@ BAD = [
     ("completions", {"prompt": "x", "logit_bias": {"1_0": 1}}, "logit_bias"),  # int() read these as ids 10 and 1
     ("completions", {"prompt": "x", "logit_bias": {" 1 ": 1}}, "logit_bias"),
     ("chat/completions", {"messages": CHAT, "logit_bias": {"999999999": 1}}, "logit_bias"),  # past the vocabulary
+    ("completions", {"prompt": "x", "stop_token_ids": [999999999]}, "stop_token_ids"),  # could never stop it
     ("completions", {"prompt": "x", "suffix": "end"}, "suffix"),
     ("chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
     ("chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format"),
@@ -639,6 +640,25 @@ def test_metrics_parse_and_move(server, client):
     assert moved("tetrispec:decode_request_steps_total") == usage.completion_tokens - 1
     assert after['tetrispec:spec_selector_info{selector="none"}'] == 1
     assert after["vllm:num_requests_running"] == 0 and after["vllm:kv_cache_usage_perc"] == 0
+
+
+def test_a_request_that_would_overfill_the_queue_is_503(server, monkeypatch):
+    """--max-waiting-requests bounds queued sequences: a request's prompts x n count, and an empty
+    queue takes any request (one too large for the bound would otherwise never be served)."""
+    live = LiveServer(build_app(server.aengine, NAME, max_waiting_requests=2))
+    try:
+        def post(n: int) -> httpx.Response:
+            return httpx.post(f"{live.url}/v1/completions", json={"prompt": ["x", "y"], "n": n, "max_tokens": 1},
+                              timeout=60)
+
+        monkeypatch.setattr(server.aengine, "num_waiting", lambda: 1)
+        full = post(1)  # 1 waiting + 2 prompts > 2
+        assert full.status_code == 503 and full.json()["error"]["code"] == "queue_full"
+        monkeypatch.setattr(server.aengine, "num_waiting", lambda: 0)
+        assert len(post(3).json()["choices"]) == 6
+    finally:
+        live.stop()
+    wait_until(lambda: blocks_free(server))
 
 
 # ---- api key ------------------------------------------------------------------------------------

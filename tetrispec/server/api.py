@@ -232,10 +232,11 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         params = sampling_params(body, max_tokens, max_tokens_param)
         for prompt in prompts:
             check_fits(len(prompt), max_tokens, max_tokens_param)
-        if max_waiting_requests is not None and async_engine.num_waiting() >= max_waiting_requests:
-            raise APIError(503, f"the server is busy: {max_waiting_requests} requests are already waiting; "
-                           "retry later", code="queue_full")
         n = body.n or 1
+        waiting = async_engine.num_waiting()  # an empty queue takes any request, however many choices it has
+        if max_waiting_requests is not None and waiting and waiting + len(prompts) * n > max_waiting_requests:
+            raise APIError(503, f"the server is busy: {waiting} requests are waiting and at most "
+                           f"{max_waiting_requests} may; retry later", code="queue_full")
         if len(prompts) == 1:  # one prompt: one request, or a group sharing it
             prompt, group = prompts[0], params if n == 1 else choice_params(params, n)
         else:  # each prompt's choices sample as that prompt's own request would (seed + i for choice i)
@@ -243,8 +244,8 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
             group = choice_params(params, n) * len(prompts)
         try:
             return await async_engine.add_request(prompt, group, request_id)
-        except ValueError as e:  # the engine checks what needs the model: prompt ids, logit_bias ids
-            param = "logit_bias" if str(e).startswith("logit_bias") else prompt_param
+        except ValueError as e:  # the engine checks what needs the model: prompt ids, logit_bias / stop ids
+            param = _param_of(e, ("logit_bias", "stop_token_ids")) or prompt_param
             raise APIError(400, str(e), param) from None
         except EngineClosedError as e:
             raise APIError(503, str(e), code="shutting_down") from None
