@@ -245,21 +245,22 @@ def test_long_speculative_runs_let_a_stale_plain_price_drift():
     assert sel.clock(8).ratio["plain"] < 1.1
 
 
-def test_prompts_entering_decoding_are_charged_to_speculation():
-    """Drafting every step means the draft reads every new prompt: with many short requests that
-    can cost more than the drafts save, and auto then stays with plain decoding."""
+def test_sequences_dear_to_catch_up_on_wait_while_the_others_speculate():
+    """Drafting for a sequence first means the draft reading what it has not seen (a prompt entering
+    decoding, or a pause in drafting), paid once and spread over the steps the sequence has left:
+    a long lag with little output left is not worth it, and only the others are drafted for."""
     model = CostModel.linear(0.05, 0.002, draft_fixed=0.004, draft_prefill=1.5e-4)
     sel = AutoTetris(max_depth=2, cost=model, probe_every=10**6)
-    assert sel.depth(BatchInfo(8, 100, entering_tokens=0)) == 2  # no arrivals: drafting pays
-    plain = StepRecord(8, 8, 0, 100.0, model.target_time(8, 8, 100.0))
-    for _ in range(60):  # a 300-token prompt enters every step: 45 ms of draft reading per step
-        depth = sel.depth(BatchInfo(8, 100, entering_tokens=300))
-        sel.observe_step(plain)
-    assert depth == 0 and sel.clock(8).entering == pytest.approx(300, rel=0.01)
-    for _ in range(60):  # arrivals stop: drafting resumes
-        depth = sel.depth(BatchInfo(8, 100, entering_tokens=0))
-        sel.observe_step(plain)
-    assert depth == 2
+    assert sel.depth(BatchInfo(8, 100, lags=(1,) * 8, remainings=(40,) * 8)) == 2
+    assert sel.draft_rows(BatchInfo(8, 100)) is None  # nothing to catch up on: all of them
+    # two 300-token prompts (45 ms of draft reading each) entering with 4 tokens to produce
+    entering = BatchInfo(8, 100, lags=(1, 300, 1, 1, 1, 300, 1, 1), remainings=(40, 4, 40, 40, 40, 4, 40, 40))
+    assert sel.depth(entering) == 2 and sel.draft_rows(entering) == [0, 2, 3, 4, 6, 7]
+    # the same prompts with hundreds of tokens to produce: their reading is spread thin, all are drafted
+    assert sel.depth(BatchInfo(8, 100, lags=entering.lags, remainings=(400,) * 8)) == 2
+    assert sel.draft_rows(entering) is None
+    # every sequence that dear: plain decoding
+    assert sel.depth(BatchInfo(8, 100, lags=(300,) * 8, remainings=(4,) * 8)) == 0
 
 
 def test_resuming_after_a_pause_pays_for_the_lag_spread_over_what_is_left():

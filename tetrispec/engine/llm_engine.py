@@ -165,8 +165,9 @@ class LLMEngine:
         params = params or SamplingParams()
         params.validate()
         V = self.model_config.vocab_size
-        if params.logit_bias and max(params.logit_bias) >= V:
-            raise ValueError(f"logit_bias token ids must be in [0, {V}), got {max(params.logit_bias)}")
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("stop_token_ids", params.stop_token_ids)):
+            if ids and max(ids) >= V:  # an id past the vocabulary could never be sampled: a mistake
+                raise ValueError(f"{name} token ids must be in [0, {V}), got {max(ids)}")
         if isinstance(prompt, str):
             ids, text = self.tokenizer.encode(prompt), prompt
         else:
@@ -235,7 +236,7 @@ class LLMEngine:
         remaining = [min(s.params.max_tokens - s.num_output_tokens if s.params.max_tokens is not None else
                          self.max_model_len, self.max_model_len - s.num_tokens) for s in seqs]
         return BatchInfo(len(seqs), sum(s.num_tokens for s in seqs) / len(seqs), entering, lag,
-                         sum(remaining) / len(seqs), lags)
+                         sum(remaining) / len(seqs), lags, tuple(remaining))
 
     def _next_tokens(self, items: list[ForwardItem], seqs: list[Sequence]
                      ) -> tuple[list[int], list[list[TokenLogprob]] | None]:
@@ -277,11 +278,11 @@ class LLMEngine:
         """One speculative step; returns (B + selected drafts, seconds of the draft forwards, the proposal)."""
         B = len(seqs)
         start = time.perf_counter()
-        rows = self.selector.draft_rows(info)
+        rows, keep_going = self.selector.draft_rows(info), self.selector.keep_going(info)
         if rows is None:
-            proposal = self.proposer.propose(seqs, depth, self.selector.keep_going(info))
-        else:  # a few sequences drafted to their full depth; the rest ride along with no drafts
-            proposal = self.proposer.propose([seqs[i] for i in rows], depth).scatter(rows, B)
+            proposal = self.proposer.propose(seqs, depth, keep_going)
+        else:  # drafts for some of the sequences; the rest ride along with none
+            proposal = self.proposer.propose([seqs[i] for i in rows], depth, keep_going).scatter(rows, B)
         if self.device.type == "cuda":  # not every selector reads the proposal back: wait for the draft here
             torch.cuda.synchronize()
         draft_seconds = time.perf_counter() - start - proposal.catch_up_seconds

@@ -9,7 +9,9 @@ Two pieces:
 - AutoTetris ranks every drafted token by the running product of estimates along its draft
   (the estimated probability that it is accepted), then picks the capacity C that maximizes
   expected emitted tokens per second, (B + sum of the C best estimates) / predicted step time,
-  with the profiled cost model. C = 0 is a plain decode step. Drafting stops at the depth
+  with the profiled cost model. C = 0 is a plain decode step. A sequence is drafted for only
+  when what the draft must first read of it (its prompt, a pause's tokens), spread over the steps
+  it has left, is worth its drafts; the others ride along undrafted. Drafting stops at the depth
   where one more level is not expected to pay for its draft forward (the next token's
   confidence predicted from how confidence moved along past drafts), and is skipped entirely
   when even a typical first level would not pay.
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from tetrispec.spec.cost_model import CostModel, StepRecord, isotonic
+from tetrispec.spec.proposer import INLINE_CATCH_UP
 from tetrispec.spec.selectors import BatchInfo, Selector
 
 
@@ -237,12 +240,9 @@ class StepClock:
     speculative step: the mean of the first measurements, then an EMA (a fresh range must not
     spend tens of steps walking away from 1.0). A range has its own because the profile's error
     depends on the batch size: ratios learned at batch 1 must not price steps at batch 32.
-    entering: prompt tokens entering decoding per step (EMA), which a draft that speculates
-    every step has to read.
     """
 
     ratio: dict[str, float] = field(default_factory=lambda: {"plain": 1.0, "draft": 1.0, "verify": 1.0})
-    entering: float = 0.0
     plain_run: int = 0  # consecutive plain steps observed
     spec_run: int = 0  # consecutive speculative steps observed
     counts: dict[str, int] = field(default_factory=dict)  # measurements of each kind of step in this range
@@ -334,7 +334,8 @@ class AutoTetris(Selector):
         self.plain_seconds = 0.0  # predicted time of the plain steps since drafting last ran
         self.last_capacity = 0
         self.clocks: dict[int, StepClock] = {}
-        self.probe_rows: list[int] | None = None  # the sequences this step's probe drafts for
+        self.rows: list[int] | None = None  # the sequences this step drafts for (None: all)
+        self.probing = False  # this step is a probe: its rows are drafted to the full depth
         self._prices: StepPrices | None = None
         self._verify_lines: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per batch size (prices)
         self._lines_cost: CostModel | None = None  # the cost model they came from
@@ -397,28 +398,28 @@ class AutoTetris(Selector):
             for j in range(1, self.max_depth):  # deeper than what was saved: no more than the level above
                 self.level_means[j] = min(self.level_means[j], self.level_means[j - 1])
 
-    # --- how deep to draft -------------------------------------------------------------
+    # --- how deep to draft, and for whom ---------------------------------------------------
     def depth(self, batch: BatchInfo) -> int:
         """0 when even typical drafts would not pay for verification (all of them verified to some
         depth, or the best of one level); else the full depth, which keep_going trims as real draft
-        probabilities come in.
+        probabilities come in. The drafting may be for only some of the sequences (draft_rows):
+        see _drafting_rate.
 
         While drafting does not pay, a probe drafts now and then to refresh the per-depth
         estimates; each probe that does not turn speculation back on doubles the wait for the
         next (up to 16x), and a probe also waits until it would cost at most PROBE_BUDGET of the
         plain time since the last one. A probe drafts for only PROBE_ROWS sequences, those with
-        the least for the draft to catch up on (draft_rows): the per-depth means need a sample,
-        and catching up on every running context is what made probes expensive (at 32 requests,
-        reading 6,000 tokens of prompts cost 2% of a whole run).
+        the least for the draft to catch up on: the per-depth means need a sample, and catching
+        up on every running context is what made probes expensive (at 32 requests, reading
+        6,000 tokens of prompts cost 2% of a whole run).
 
         A clear plain verdict (drafting predicted at least REUSE_MARGIN slower) stands for the next
         REUSE_STEPS steps at the same batch size while nothing moves in drafting's favour, unless a
         probe falls due (PlainVerdict).
         """
-        self.probe_rows = None
+        self.rows, self.probing = None, False
         B, s = batch.batch_size, batch.mean_len
         clock = self.clock(B)
-        clock.entering = 0.9 * clock.entering + 0.1 * batch.entering_tokens
         verdict = self.verdict
         if verdict and verdict.holds(batch) and not self._probe_due(verdict.probe_cost):
             self.steps_without_draft += 1
@@ -428,28 +429,9 @@ class AutoTetris(Selector):
         r = clock.ratio
         plain_time = r["plain"] * self.cost.target_time(B, B, s)
         plain = B / plain_time
-        cumulative = 0.0
-        # Speculating every step also means the draft reads every prompt that enters decoding: a
-        # cost per step that plain decoding never pays (at high concurrency and short outputs it
-        # is as large as what the drafts save).
-        arrivals = r["draft"] * self.cost.catch_up_time(clock.entering)
-        # After a pause the draft must first read what the running sequences produced meanwhile (a
-        # whole context each if it never drafted for them): paid once, so spread over the steps
-        # those sequences have left.
-        resume = r["draft"] * self.cost.catch_up_time(batch.lag_tokens)
-        price = self.prices(B, s)  # priced once a step: keep_going and select read the same
-        draft = price.draft(B)
-        # One level, of which select verifies only the best: a typical batch of first drafts,
-        # priced the way select prices the real ones. (Verifying all of them, below, undersells
-        # drafting where only the confident part pays: at high batch, verified tokens are dear.)
-        steps_left = max(batch.remaining / (1 + self.level_means[0]), 1.0)
-        first = self.estimator.typical_first_estimates(B)
-        drafting = _best_capacity(first, B, arrivals + resume / steps_left + draft, price.verify)[1]  # best draft rate
-        for d in range(1, self.max_depth + 1):
-            cumulative += self.level_means[d - 1]
-            steps_left = max(batch.remaining / (1 + cumulative), 1.0)
-            time = arrivals + resume / steps_left + d * draft + float(price.verify[B * d])
-            drafting = max(drafting, (B + B * cumulative) / time)
+        lags = (np.asarray(batch.lags, dtype=np.float64) if batch.lags  # unknown: spread evenly
+                else np.full(B, (batch.lag_tokens + batch.entering_tokens) / B))
+        drafting, rows = self._drafting_rate(batch, lags, self.prices(B, s), r["draft"])
         # Whether plain or speculative steps run faster relative to the profile depends on the host's
         # load (a busy host slows memory-bound plain steps more), so near a tie plain steps are timed
         # on this machine, in this range, before they are ruled out. (The other way round, probes
@@ -462,18 +444,18 @@ class AutoTetris(Selector):
             self.steps_without_draft = 0
             self.plain_seconds = 0.0
             self.probe_interval = self.probe_every
+            self.rows = rows
             return self.max_depth
         # A probe pays its sequences' catch-up: it waits until the plain steps since the last one
         # took 1 / PROBE_BUDGET times as long as it will.
-        lags = batch.lags or (-(-(batch.lag_tokens + batch.entering_tokens) // B),) * B  # unknown: even
-        rows = sorted(range(B), key=lags.__getitem__)[:PROBE_ROWS]
-        probe_cost = r["draft"] * (self.cost.catch_up_time(sum(lags[i] for i in rows))
-                                   + self.max_depth * self.cost.draft_time(len(rows), s))
+        probe = np.argsort(lags, kind="stable")[:PROBE_ROWS]
+        probe_cost = r["draft"] * (self.cost.catch_up_time(float(lags[probe].sum()))
+                                   + self.max_depth * self.cost.draft_time(probe.size, s))
         if self._probe_due(probe_cost):
             self.steps_without_draft = 0
             self.plain_seconds = 0.0
             self.probe_interval = min(2 * self.probe_interval, 16 * self.probe_every)
-            self.probe_rows = sorted(rows) if len(rows) < B else None
+            self.rows, self.probing = (sorted(probe.tolist()) if probe.size < B else None), True
             return self.max_depth
         self.steps_without_draft += 1
         self.plain_seconds += plain_time
@@ -481,11 +463,53 @@ class AutoTetris(Selector):
             self.verdict = PlainVerdict(B, batch.lag_tokens, batch.remaining, plain_time, probe_cost)
         return 0
 
+    def _drafting_rate(self, batch: BatchInfo, lags: np.ndarray, price: StepPrices, draft_ratio: float
+                       ) -> tuple[float, list[int] | None]:
+        """The best predicted rate of a speculative step over typical drafts, and the sequences it
+        drafts for (None: all of them).
+
+        Drafting for a sequence first means the draft reading what it has not seen of it: its
+        prompt, on its first draft, and every token of a pause in drafting. That is paid once, so it
+        is spread over the steps the sequence has left. It is priced per sequence, and the m
+        sequences cheapest to catch up on are drafted for, m chosen with the rest: a burst of long
+        prompts entering decoding, or sequences that ran plainly for hundreds of tokens, then wait
+        with no drafts while the others go on speculating. (Priced for the batch as a whole, such a
+        burst once turned drafting off for everyone, and the lag that built up meanwhile kept it
+        off: at 8 requests, 6% below fixed k = 1.) A lag the first draft forward absorbs
+        (INLINE_CATCH_UP) costs nothing apart.
+        """
+        B = batch.batch_size
+        remaining = np.asarray(batch.remainings, dtype=np.float64) if batch.remainings else np.full(B, batch.remaining)
+        catch_up = draft_ratio * self.cost.catch_up_time(np.where(lags > INLINE_CATCH_UP, lags, 0.0))
+        means = np.cumsum(self.level_means)  # expected accepted drafts per sequence, drafting to depth d
+        order = np.argsort(catch_up / np.maximum(remaining, 1.0), kind="stable")
+        m = np.arange(1, B + 1)
+        draft = price.draft(m)  # [B]: one draft forward over the m sequences cheapest to catch up on
+        best, best_m = 0.0, B
+        for d in range(1, self.max_depth + 1):
+            steps_left = np.maximum(remaining[order] / (1 + means[d - 1]), 1.0)
+            time = np.cumsum(catch_up[order] / steps_left) + d * draft + price.verify[m * d]
+            rates = (B + m * means[d - 1]) / time
+            i = int(rates.argmax())
+            if rates[i] > best:
+                best, best_m = float(rates[i]), i + 1
+            if d == 1:
+                spread = time - draft - price.verify[m]  # the catch-up of one level, for the m cheapest
+        # One level, of which select verifies only the best: a typical batch of first drafts, priced
+        # the way select prices the real ones. (Verifying all of them undersells drafting where only
+        # the confident part pays: at high batch, verified tokens are dear.)
+        for n in {best_m, B}:
+            fixed = float(spread[n - 1] + draft[n - 1])
+            rate = _best_capacity(self.estimator.typical_first_estimates(n), B, fixed, price.verify)[1]
+            if rate > best:
+                best, best_m = rate, n
+        return best, (None if best_m == B else sorted(order[:best_m].tolist()))
+
     def _probe_due(self, probe_cost: float) -> bool:
         return self.steps_without_draft >= self.probe_interval and self.plain_seconds * PROBE_BUDGET >= probe_cost
 
     def draft_rows(self, batch: BatchInfo) -> list[int] | None:
-        return self.probe_rows
+        return self.rows
 
     def observe_step(self, record: StepRecord) -> None:
         """Track how the real steps compare with the profile: plain steps, drafting, and the rest of a
@@ -551,14 +575,20 @@ class AutoTetris(Selector):
         product times the next token's estimate, whose q follows the counted moves from the last one.
         A request whose next token could not pay even at the best estimate of its position stops
         here (its expected worth is 0), so the level is drafted, and paid for, only for the others.
+        The drafts may be of only some of the batch (draft_rows); a probe drafts its rows to the full
+        depth, to sample every level.
         """
-        def decide(logprobs: torch.Tensor) -> list[bool]:  # [B, j] drafted so far
-            B, j = logprobs.shape
+        if self.probing:
+            return None
+        B = batch.batch_size
+
+        def decide(logprobs: torch.Tensor) -> list[bool]:  # [rows drafted for, j] drafted so far
+            m, j = logprobs.shape
             q, cum = self._running_estimates(logprobs)
             price = self.prices(B, batch.mean_len)
-            capacity, rate = _best_capacity(cum, B, j * price.draft(B), price.verify)
-            # marginal verify time per token over the next B tokens (a whole next level)
-            threshold = rate * float(price.verify[capacity + B] - price.verify[capacity]) / B
+            capacity, rate = _best_capacity(cum, B, j * price.draft(m), price.verify)
+            # marginal verify time per token over the next m tokens (a whole next level)
+            threshold = rate * float(price.verify[capacity + m] - price.verify[capacity]) / m
             rows = cum[:, -1] * self.estimator.best_estimate(j) > threshold
             n = int(rows.sum())
             if n == 0:

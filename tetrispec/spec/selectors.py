@@ -22,6 +22,7 @@ class BatchInfo:
     lag_tokens: int = 0  # tokens the draft has not read, of the other sequences (a pause in drafting)
     remaining: float = float("inf")  # mean output tokens the sequences may still produce
     lags: tuple[int, ...] = ()  # per sequence: tokens the draft has not read (prompt included)
+    remainings: tuple[float, ...] = ()  # per sequence: output tokens it may still produce
 
 
 def tetris_select(draft_logprobs: torch.Tensor, capacity: int) -> torch.Tensor:
