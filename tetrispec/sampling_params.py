@@ -118,9 +118,9 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Penalties, a logit bias or min_tokens: the logits sampled from are not the model's (so
-        greedy is no longer the raw argmax, and the argmax-only fast path does not apply)."""
-        return self.has_penalties or bool(self.logit_bias) or self.min_tokens > 0
+        """Penalties or a logit bias: the logits sampled from are not the model's (see
+        Sequence.adjusts_logits, which adds min_tokens while it holds)."""
+        return self.has_penalties or bool(self.logit_bias)
 
 
 def _is_token_id(value: object) -> bool:

@@ -13,6 +13,7 @@ import pytest
 from conftest import mixed_prompts
 
 from tetrispec import LLM, SamplingParams
+from tetrispec.engine.sequence import Sequence
 
 NUM_PROMPTS = 24
 # a small cache: requests are preempted and recomputed as well
@@ -79,6 +80,18 @@ def test_stop_strings_wait_for_min_tokens_also_within_one_speculative_step(tiny_
     assert any(len(p.token_ids) < MAX_TOKENS for p in plain), "some stop string must end a request"
     for o in plain:
         assert len(o.token_ids) >= 4
+
+
+def test_min_tokens_adjusts_logits_only_until_it_is_reached():
+    """Past min_tokens nothing is held back: the request goes back to the argmax-only fast path."""
+    seq = Sequence("r", [1, 2], SamplingParams(temperature=0, min_tokens=2))
+    assert seq.adjusts_logits
+    seq.token_ids += [3]
+    assert seq.adjusts_logits
+    seq.token_ids += [4]
+    assert not seq.adjusts_logits
+    biased = Sequence("b", [1, 2, 3, 4], SamplingParams(min_tokens=1, logit_bias={5: 1.0}), token_ids=[1, 2, 3, 4, 5])
+    assert biased.adjusts_logits  # the bias still applies
 
 
 def test_include_stop_str_in_output(tiny_pair, unconstrained):

@@ -26,7 +26,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], drafts: list[lis
     """logits [N, V]; seqs[r] owns row r (a request may own several rows); drafts[r]: tokens that
     row follows beyond the request's output (None: none). Returns new logits [N, V] when a row is
     adjusted (the input stays as it was: logprobs are reported raw), else the input itself."""
-    rows = [r for r, s in enumerate(seqs) if s.params.adjusts_logits]
+    rows = [r for r, s in enumerate(seqs) if s.adjusts_logits]
     if not rows:
         return logits
     V, device = logits.shape[1], logits.device

@@ -66,5 +66,12 @@ class Sequence:
         return self.num_tokens - self.num_prompt_tokens
 
     @property
+    def adjusts_logits(self) -> bool:
+        """Whether this step samples from adjusted logits (so greedy is no longer the raw argmax, and the
+        argmax-only fast path does not apply): penalties, a logit bias, or min_tokens not yet reached.
+        Past min_tokens every row of a step, drafts included, is past it too."""
+        return self.params.adjusts_logits or self.num_output_tokens < self.params.min_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
