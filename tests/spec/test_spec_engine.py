@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -209,3 +210,23 @@ def test_drafting_for_some_rows_keeps_sampling_lossless(tiny_pair, monkeypatch):
     assert spec.engine.stats.accepted > 0
     assert chi2_pvalue(tok_a, tok_b) > 1e-3
     assert chi2_pvalue(seq_a, seq_b) > 1e-3
+
+
+def test_keep_going_decisions_are_timed_apart_from_the_draft_forwards(tiny_pair, monkeypatch):
+    """The host's decisions between draft levels belong with the rest of the step: timed as drafting,
+    they priced every draft level of auto well above what the draft forwards cost."""
+    llm = LLM(tiny_pair[0], speculative_model=tiny_pair[1], spec_method="tetris", num_speculative_tokens=2,
+              tetris_extra_proposals=1, max_num_seqs=4)
+    pause = 0.05
+
+    def slow_keep_going(info):
+        def decide(logprobs: torch.Tensor) -> list[bool]:
+            time.sleep(pause)
+            return [True] * logprobs.shape[0]
+        return decide
+
+    monkeypatch.setattr(llm.engine.selector, "keep_going", slow_keep_going)
+    llm.engine.step_trace = []
+    llm.generate(mixed_prompts(4), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    spec = [r for r in llm.engine.step_trace if r.depth == 3]  # two decisions each (after levels 1 and 2)
+    assert spec and all(r.seconds >= 2 * pause and r.draft_seconds < pause for r in spec)

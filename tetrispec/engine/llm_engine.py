@@ -285,7 +285,9 @@ class LLMEngine:
             proposal = self.proposer.propose([seqs[i] for i in rows], depth, keep_going).scatter(rows, B)
         if self.device.type == "cuda":  # not every selector reads the proposal back: wait for the draft here
             torch.cuda.synchronize()
-        draft_seconds = time.perf_counter() - start - proposal.catch_up_seconds
+        # the draft forwards alone: a separate catch-up is priced per token, and the keep-going decisions
+        # are host work that belongs with the rest of the step (selection, bookkeeping), not per draft level
+        draft_seconds = time.perf_counter() - start - proposal.catch_up_seconds - proposal.deciding_seconds
         drafted = proposal.drafted
         # Selection is a few hundred numbers of host-side arithmetic: read the scores back once, and
         # every selector works on (and returns) CPU tensors whatever device the models run on.
@@ -424,7 +426,7 @@ def _wants_logprobs(seqs: list[Sequence]) -> bool:
 
 
 def _adjusts_logits(seqs: list[Sequence]) -> bool:
-    return any(s.params.adjusts_logits for s in seqs)
+    return any(s.adjusts_logits for s in seqs)
 
 
 def _penalize_verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],

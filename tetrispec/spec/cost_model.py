@@ -40,7 +40,7 @@ class StepRecord(NamedTuple):
     depth: int  # draft forwards run
     mean_len: float  # mean context per sequence
     seconds: float  # wall time of the step, draft catch-up included
-    draft_seconds: float = 0.0  # of which the draft forwards (K levels, short catch-ups inline)
+    draft_seconds: float = 0.0  # of which the draft forwards (K levels, short catch-ups inline, no decisions)
     catch_up_seconds: float = 0.0  # of which a separate draft catch-up over long lags (prompts, pauses)
     catch_up_tokens: int = 0  # tokens that catch-up fed to the draft
     draft_rows: float = 0.0  # sequences per draft forward (mean over the levels); 0: the whole batch

@@ -37,6 +37,7 @@ class Proposal:
     drafted: list[int]  # [B] tokens drafted per request
     catch_up_seconds: float = 0.0  # wall time of the separate catch-up forward (long lags), if any
     catch_up_tokens: int = 0  # tokens that forward fed
+    deciding_seconds: float = 0.0  # host time of the keep-going decisions between the draft forwards
 
     @property
     def depth(self) -> int:
@@ -60,7 +61,8 @@ class Proposal:
         drafted = [0] * batch_size
         for r, d in zip(rows, self.drafted):
             drafted[r] = d
-        return Proposal(tokens, logprobs, probs, drafted, self.catch_up_seconds, self.catch_up_tokens)
+        return Proposal(tokens, logprobs, probs, drafted, self.catch_up_seconds, self.catch_up_tokens,
+                        self.deciding_seconds)
 
 
 INLINE_CATCH_UP = 8  # lag (tokens) the first draft forward absorbs; longer lags are fed first
@@ -78,7 +80,7 @@ class DraftProposer:
 
     def propose(self, seqs: list[Sequence], depth: int, keep_going: KeepGoing | None = None) -> Proposal:
         greedy = all(s.params.greedy for s in seqs)
-        penalized = any(s.params.adjusts_logits for s in seqs)
+        penalized = any(s.adjusts_logits for s in seqs)
         history: list[list[int]] = [[] for _ in seqs]  # each request's drafts so far (penalized batches only)
         lagging = [s for s in seqs if s.num_tokens - s.num_draft_cached > INLINE_CATCH_UP]
         catch_up_seconds, catch_up_tokens = 0.0, 0
@@ -100,6 +102,7 @@ class DraftProposer:
         tokens = torch.zeros(B, depth, dtype=torch.long, device=device)
         probs = None
         drafted = [0] * B
+        deciding_seconds = 0.0
         for j in range(depth):
             sub = [seqs[i] for i in active]
             index = slice(None) if len(active) == B else torch.tensor(active, device=device)
@@ -123,7 +126,10 @@ class DraftProposer:
             if j + 1 == depth:
                 break
             if keep_going is not None:
-                keep = keep_going(logprobs[:, : j + 1].cpu())  # selectors decide on the host
+                scores = logprobs[:, : j + 1].cpu()  # selectors decide on the host
+                start = time.perf_counter()
+                keep = keep_going(scores)
+                deciding_seconds += time.perf_counter() - start
                 kept = [a for a, i in enumerate(active) if keep[i]]
             else:
                 kept = list(range(len(active)))
@@ -140,7 +146,7 @@ class DraftProposer:
         for s, d in zip(seqs, drafted):
             s.num_draft_cached = s.num_tokens + d - 1
         return Proposal(tokens[:, :K], logprobs[:, :K], None if probs is None else probs[:, :K], drafted,
-                        catch_up_seconds, catch_up_tokens)
+                        catch_up_seconds, catch_up_tokens, deciding_seconds)
 
     @staticmethod
     def _confidence(logits: torch.Tensor, q: torch.Tensor, x: torch.Tensor, params) -> torch.Tensor:
