@@ -515,8 +515,9 @@ class AutoTetris(Selector):
         """Track how the real steps compare with the profile: plain steps, drafting, and the rest of a
         speculative step. The profile times bare forwards; a speculative step also pays for selection,
         the keep-going decisions, verification bookkeeping and rollback (timed with the rest of the
-        step: in the draft's ratio they priced every draft level 0.08-0.14 higher at c = 4 and 8), and the machine may have drifted since profiling. All
-        three are measured in the same run, so drift common to them cancels in the comparison. Until
+        step: in the draft's ratio they priced every draft level 0.08-0.14 higher at c = 4 and 8),
+        and the machine may have drifted since profiling. All three are measured in the same run, so
+        drift common to them cancels in the comparison. Until
         a kind of step has run in this batch-size range, its ratio moves as the measured one does:
         the relative costs it started from (the profile's, or the nearest range's) at the machine's
         current speed, not the profile's absolute ones (which made a fresh range's speculative
