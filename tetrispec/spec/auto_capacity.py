@@ -302,8 +302,8 @@ class StepPrices:
     mean_len: float
     verify: np.ndarray  # [B * max_depth + 1]: the target forward verifying B + c tokens, c = 0, 1, ...
 
-    def draft(self, rows: float) -> float:
-        """One draft forward over `rows` sequences."""
+    def draft(self, rows):
+        """One draft forward over `rows` sequences (a number, or an array of row counts -> an array)."""
         return self.draft_ratio * self.cost.draft_time(rows, self.mean_len)
 
 
@@ -488,18 +488,18 @@ class AutoTetris(Selector):
         best, best_m = 0.0, B
         for d in range(1, self.max_depth + 1):
             steps_left = np.maximum(remaining[order] / (1 + means[d - 1]), 1.0)
-            time = np.cumsum(catch_up[order] / steps_left) + d * draft + price.verify[m * d]
-            rates = (B + m * means[d - 1]) / time
+            spread = np.cumsum(catch_up[order] / steps_left)  # [B]: the catch-up per step of the m cheapest
+            if d == 1:
+                spread_one = spread  # drafting one level
+            rates = (B + m * means[d - 1]) / (spread + d * draft + price.verify[m * d])
             i = int(rates.argmax())
             if rates[i] > best:
                 best, best_m = float(rates[i]), i + 1
-            if d == 1:
-                spread = time - draft - price.verify[m]  # the catch-up of one level, for the m cheapest
         # One level, of which select verifies only the best: a typical batch of first drafts, priced
         # the way select prices the real ones. (Verifying all of them undersells drafting where only
         # the confident part pays: at high batch, verified tokens are dear.)
         for n in {best_m, B}:
-            fixed = float(spread[n - 1] + draft[n - 1])
+            fixed = float(spread_one[n - 1] + draft[n - 1])
             rate = _best_capacity(self.estimator.typical_first_estimates(n), B, fixed, price.verify)[1]
             if rate > best:
                 best, best_m = rate, n
