@@ -92,22 +92,27 @@ def test_vectorized_evaluation_and_round_trip(tmp_path):
     assert CostModel.load(path) is None
 
 
-def test_the_first_token_past_the_batch_follows_its_own_knot(tmp_path):
-    """At batch 8, 9 tokens cost 62 ms where 8 cost 55 and 16 cost 68 (the dev VM): the B + 1 knot
-    holds that step, which the line from B to 2B tokens put at an eighth of its height."""
+def test_the_first_token_past_each_knot_follows_its_own_knot(tmp_path):
+    """At batch 8, 9 tokens cost 62 ms where 8 cost 55 and 16 cost 68 (the dev VM), and 17 cost about
+    what 24 do: a knot one token past each query-length knot holds those steps, which a line between
+    the knots put at an eighth of their height."""
     rows = [[0.037, 0.047, 0.050], [0.047, 0.050, 0.055], [0.055, 0.068, 0.075]]
     plain = VerifyGrid([1.0, 2.0, 8.0], [1.0, 2.0, 3.0], rows, 0.0, 0.0)
-    grid = VerifyGrid([1.0, 2.0, 8.0], [1.0, 2.0, 3.0], rows, 0.0, 0.0, plus_one=[0.047, 0.049, 0.062])
+    grid = VerifyGrid([1.0, 2.0, 8.0], [1.0, 2.0, 3.0], rows, 0.0, 0.0,
+                      plus_one=[[0.047, 0.050], [0.049, 0.052], [0.062, 0.074]])
     assert plain(8, 9.0, 0.0) == pytest.approx(0.055 + 0.013 / 8)
     assert grid(8, 9.0, 0.0) == pytest.approx(0.062)
     assert grid(8, 12.0, 0.0) == pytest.approx(0.062 + 0.006 * 3 / 7)  # a line from 9 tokens to 16
-    for n in (8.0, 16.0, 20.0):  # the knots of the grid itself are unchanged
+    assert grid(8, 17.0, 0.0) == pytest.approx(0.074)  # the second level's first token
+    assert grid(8, 20.0, 0.0) == pytest.approx(0.074 + 0.001 * 3 / 7)  # a line from 17 tokens to 24
+    for n in (8.0, 16.0, 24.0):  # the knots of the grid itself are unchanged
         assert grid(8, n, 0.0) == pytest.approx(plain(8, n, 0.0))
-    assert grid(1, 2.0, 0.0) == pytest.approx(0.047)  # at batch 1, B + 1 is the q = 2 knot
+    assert grid(1, 2.0, 0.0) == pytest.approx(0.047)  # at batch 1, B * q + 1 is the next knot
     assert grid(2, 3.0, 0.0) == pytest.approx(0.049)
+    assert grid(2, 5.0, 0.0) == pytest.approx(0.052)
     assert grid(5, 6.0, 0.0) == pytest.approx(0.049 + (0.062 - 0.049) * 0.5)  # interpolated between batch knots
-    clamped = VerifyGrid([8.0], [1.0, 2.0], [[0.055, 0.068]], 0.0, 0.0, plus_one=[0.070])
-    assert clamped(8, 9.0, 0.0) == pytest.approx(0.068)  # never above the 2B knot
+    clamped = VerifyGrid([8.0], [1.0, 2.0], [[0.055, 0.068]], 0.0, 0.0, plus_one=[[0.070]])
+    assert clamped(8, 9.0, 0.0) == pytest.approx(0.068)  # never above the next knot
     model = CostModel(grid, PiecewiseLinear([1.0], [0.001], 0.0))
     model.save(tmp_path / "cost.json")
     assert CostModel.load(tmp_path / "cost.json") == model

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from tetrispec.model.model_runner import ForwardItem, ModelRunner
 
-FORMAT = 5  # bumped when the saved fields, or how they are measured, change: an older cached profile is rebuilt
+FORMAT = 6  # bumped when the saved fields, or how they are measured, change: an older cached profile is rebuilt
 
 
 class StepRecord(NamedTuple):
@@ -97,11 +97,13 @@ class VerifyGrid:
     values: list[list[float]]  # [batch knot][query-length knot], at context 0
     slope_seq_ctx: float  # seconds per sequence per context token (its cache read)
     slope_token_ctx: float  # seconds per query token per context token (its scores)
-    # [batch knot]: B + 1 query tokens (one sequence verifying one draft), at context 0. On a CPU the
-    # first row past the batch can cost a big step (at batch 8 on the dev VM: 8 tokens 55 ms, 9 tokens
-    # 62, 16 tokens 68), which a line from B to 2B tokens puts at about a fifth of that. None: profiled
-    # before this knot existed (interpolated as before).
-    plus_one: list[float] | None = None
+    # [batch knot][query-length knot but the last]: one token past each knot, B * q + 1 query tokens
+    # (one sequence verifying one more), at context 0. On a CPU the first row past a multiple of the
+    # BLAS's row block costs a step (at batch 8 on the dev VM: 8 tokens 55 ms, 9 tokens 62, 16 tokens
+    # 68; 16 tokens 75 ms in a run, 17 tokens 84), which a line between knots puts at a fraction of
+    # its height: it priced a 17th token nearly free, and auto drafted and verified a second level at
+    # batch 8 that cost more than it brought. None: no such knots (interpolated between the grid's).
+    plus_one: list[list[float]] | None = None
 
     def __call__(self, batch_size: float, num_tokens, ctx: float):
         """num_tokens: a float, or an array (or CPU tensor) of token counts at this batch size."""
@@ -117,15 +119,18 @@ class VerifyGrid:
                                        + self.slope_token_ctx * num_tokens * ctx)
 
     def _with_plus_one(self, b: float, i0: int, i1: int, w: float, row: list[float]) -> tuple[list[float], list]:
-        """The query-length knots and the row with the B + 1 knot (q = 1 + 1 / B) inserted where it falls
-        strictly between two knots, its value kept between theirs."""
-        q = 1.0 + 1.0 / b
-        j = bisect.bisect_left(self.query_lens, q)
-        if not 0 < j < len(self.query_lens) or self.query_lens[j] == q:
-            return self.query_lens, row
-        value = self.plus_one[i0] + (self.plus_one[i1] - self.plus_one[i0]) * w
-        value = min(max(value, row[j - 1]), row[j])
-        return self.query_lens[:j] + [q] + self.query_lens[j:], row[:j] + [value] + row[j:]
+        """The query-length knots and the row with a knot one token past each (q + 1 / B) inserted where
+        it falls strictly between two knots, its value kept between theirs."""
+        knots, values = [self.query_lens[0]], [row[0]]
+        for j in range(1, len(self.query_lens)):
+            q = self.query_lens[j - 1] + 1.0 / b
+            if q < self.query_lens[j]:
+                value = self.plus_one[i0][j - 1] + (self.plus_one[i1][j - 1] - self.plus_one[i0][j - 1]) * w
+                knots.append(q)
+                values.append(min(max(value, row[j - 1]), row[j]))
+            knots.append(self.query_lens[j])
+            values.append(row[j])
+        return knots, values
 
 
 @dataclass
@@ -319,17 +324,19 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
             d_c.append(c)
             d_y.append(_time_forward(draft, b, c, 1, repeats, before=partial(target.forward, target_items, "last")))
     verify = fit_grid(t_b, t_q, t_c, t_y)
-    # B + 1 tokens at each batch knot (a verify of one draft), at the middle context, taken to context 0
-    # with the fitted slopes. Where B + 1 is a grid knot already (batch 1), or the cache cannot hold the
-    # batch, the knot keeps the grid's own line there instead of a timing.
+    # B * q + 1 tokens at each knot but the last query length (one sequence verifying one more), at the
+    # middle context, taken to context 0 with the fitted slopes. Where that is a grid knot already (batch 1),
+    # or the cache cannot hold it, the knot keeps the grid's own line there instead of a timing.
     ctx, plus_one = ctxs[1], []
     for i, b in enumerate(verify.batches):
-        q = 1.0 + 1.0 / b
-        if q in verify.query_lens or b * (ctx + 2 + 16) > num_slots:
-            plus_one.append(float(_interp(verify.query_lens, verify.values[i], q)))
-            continue
-        t = _time_forward(target, int(b), ctx, 1, repeats + 2, extra=1)
-        plus_one.append(t - verify.slope_seq_ctx * b * ctx - verify.slope_token_ctx * (b + 1) * ctx)
+        plus_one.append([])
+        for j, q in enumerate(verify.query_lens[:-1]):
+            if q + 1.0 / b >= verify.query_lens[j + 1] or b * (ctx + q + 2 + 16) > num_slots:
+                plus_one[i].append(float(_interp(verify.query_lens, verify.values[i], q + 1.0 / b)))
+                continue
+            t = _time_forward(target, int(b), ctx, int(q), repeats + 2, extra=1)
+            tokens = b * q + 1
+            plus_one[i].append(t - verify.slope_seq_ctx * b * ctx - verify.slope_token_ctx * tokens * ctx)
     verify.plus_one = plus_one
     if draft is None:
         return CostModel(verify, PiecewiseLinear([1.0], [0.0], 0.0))
