@@ -8,6 +8,7 @@ import torch
 
 from tetrispec.spec.auto_capacity import (
     PROBE_BUDGET,
+    REEXPLORE_AFTER,
     REUSE_STEPS,
     AcceptanceEstimator,
     AutoTetris,
@@ -92,8 +93,9 @@ def test_estimate_drafts_reads_columns_as_positions():
     est = AcceptanceEstimator(positions=2)
     est.update(torch.full((400,), 0.55), torch.zeros(400, dtype=torch.long), torch.zeros(400))
     est.update(torch.full((400,), 0.55), torch.ones(400, dtype=torch.long), torch.ones(400))
-    out = est.estimate_drafts(torch.full((3, 3), 0.55))
-    assert out[:, 0].max() < 0.2 and out[:, 1:].min() > 0.8
+    out = est.estimate_drafts([[0.55] * 3] * 2)
+    assert out[0] == out[1] and out[0][0] < 0.2 and min(out[0][1:]) > 0.8
+    assert out[0] == pytest.approx(est.estimate([0.55] * 3, [0, 1, 2]).tolist())  # the same table as estimate
 
 
 def test_estimator_starts_from_the_draft_probability_and_persists(tmp_path):
@@ -240,7 +242,10 @@ def test_long_speculative_runs_let_a_stale_plain_price_drift():
     for _ in range(16):  # a short speculative run keeps it
         sel.observe_step(StepRecord(8, 16, 1, 100.0, verify_t + draft_t, draft_t))
     assert sel.clock(8).ratio["plain"] == pytest.approx(3.0, rel=0.05)
-    for _ in range(400):
+    for _ in range(400):  # slowly: the host's relative costs are not the profile's (near a tie, re-timed)
+        sel.observe_step(StepRecord(8, 16, 1, 100.0, verify_t + draft_t, draft_t))
+    assert sel.clock(8).ratio["plain"] > 2.0
+    for _ in range(3000):
         sel.observe_step(StepRecord(8, 16, 1, 100.0, verify_t + draft_t, draft_t))
     assert sel.clock(8).ratio["plain"] < 1.1
 
@@ -412,7 +417,7 @@ def test_a_fresh_range_learns_its_step_times_in_a_few_steps():
     assert sel.clock(8).ratio["plain"] == sel.clock(8).ratio["verify"]  # not timed yet: follows the measured
 
 
-def _near_tie(plain_ratio: float, drafting_first: bool) -> list[int]:
+def _near_tie(plain_ratio: float, drafting_first: bool, steps: int = 30) -> list[int]:
     """Depths chosen at batch 8 where the profile puts drafting a few percent ahead of plain decoding
     (or behind, drafting_first=False), when plain steps run at plain_ratio x the profile and speculative
     steps as profiled; each step's record follows the depth chosen."""
@@ -422,7 +427,7 @@ def _near_tie(plain_ratio: float, drafting_first: bool) -> list[int]:
     plain_t, verify_t = model.target_time(8, 8, 100.0), model.target_time(8, 16, 100.0)
     draft_t = model.draft_time(8, 100.0)
     depths = []
-    for _ in range(30):
+    for _ in range(steps):
         depths.append(sel.depth(batch))
         if depths[-1]:
             sel.observe_step(StepRecord(8, 16, 1, 100.0, verify_t + draft_t, draft_t))
@@ -438,6 +443,11 @@ def test_near_a_tie_the_kind_of_step_not_yet_timed_is_tried():
     # plain ahead by the profile: drafting is left to probes (a few drafting steps would pay every
     # running prompt's catch-up), which this selector never makes
     assert _near_tie(1.0, False) == [0] * 30
+
+
+def test_near_a_tie_plain_steps_are_timed_again_now_and_then():
+    # after every REEXPLORE_AFTER speculative steps in a row, one plain step (while within EXPLORE_MARGIN)
+    assert _near_tie(1.0, True, 160) == [2] * 8 + [0] * 4 + ([2] * REEXPLORE_AFTER + [0]) * 2 + [2] * 18
 
 
 def test_far_from_a_tie_nothing_is_explored():

@@ -20,6 +20,7 @@ Only draft-side information (and past outcomes) drives the choice: verification 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -44,8 +45,8 @@ class AcceptanceEstimator:
 
     It also counts how a draft's confidence moves from one position to the next (q bin -> next
     q bin, draft-side only), which prices drafting one more level before it is drafted.
-    Everything is a small numpy table: it is read and updated on every step, where torch's
-    per-call overhead cost a millisecond a step.
+    Everything is a small numpy table, fitted from numpy; what runs between the forwards of a step
+    (estimate_drafts, expected_next_gain) reads list copies of it in plain Python (see _best_capacity).
     """
 
     def __init__(self, num_bins: int = 20, positions: int = 3, prior_weight: float = 8.0, warmup: int = 500,
@@ -74,8 +75,9 @@ class AcceptanceEstimator:
 
     @staticmethod
     def _bin(q: np.ndarray, bins: int) -> np.ndarray:
-        """q in [0, 1] -> bin index (q = 1 in the top bin)."""
-        return np.minimum((q * bins).astype(np.int64), bins - 1)
+        """q in [0, 1] -> bin index (q = 1 in the top bin). In float64, as the per-step reads in plain
+        Python bin (estimate_drafts): float32 put q = 0.9 in the bin above the one they read it in."""
+        return np.minimum((np.asarray(q, dtype=np.float64) * bins).astype(np.int64), bins - 1)
 
     def _refit(self) -> None:
         def fit(trials: np.ndarray, accepts: np.ndarray, prior: np.ndarray) -> list[float]:
@@ -84,6 +86,7 @@ class AcceptanceEstimator:
 
         pooled = np.array(fit(self.trials.sum(0), self.accepts.sum(0), self.centers))
         self.table = np.array([fit(t, a, pooled) for t, a in zip(self.trials, self.accepts)])  # [P, bins]
+        self.table_rows = self.table.tolist()  # the same, for the per-step reads in plain Python
         self.pending = 0  # outcomes not yet in the fit
         self.next_bin = None  # the move table, rebuilt when next read (_refit_moves)
         self.typical: dict[int, np.ndarray] = {}  # typical_first_estimates per batch size, until the next change
@@ -93,6 +96,7 @@ class AcceptanceEstimator:
         # next q bin given this one: the counts plus one pseudo-count spread evenly (an unseen bin is agnostic)
         counts = self.transitions + 1.0 / self.num_bins
         self.next_bin = counts / counts.sum(1, keepdims=True)  # [bins, bins]
+        self.next_rows = self.next_bin.tolist()
 
     def estimate(self, q, positions) -> np.ndarray:
         """q: draft probabilities of proposed tokens (any shape, array or CPU tensor); positions: their
@@ -100,20 +104,23 @@ class AcceptanceEstimator:
         q = _array(q)
         return self.table[self._row(positions), self._bin(q, self.num_bins)]  # index arrays broadcast
 
-    def estimate_drafts(self, q) -> np.ndarray:
-        """q [B, K]: each request's draft, position j in column j (estimate with the positions implied,
-        in as few numpy calls as it takes: this runs after every draft forward)."""
-        q = _array(q)
-        return self.table.ravel()[self._row(np.arange(q.shape[1])) * self.num_bins + self._bin(q, self.num_bins)]
+    def estimate_drafts(self, q: list[list[float]]) -> list[list[float]]:
+        """q: each request's draft probabilities, position j at index j -> their estimates (plain Python:
+        this runs after every draft forward, see _best_capacity)."""
+        table, last, bins = self.table_rows, self.positions - 1, self.num_bins
+        return [[table[min(j, last)][min(int(x * bins), bins - 1)] for j, x in enumerate(row)] for row in q]
 
-    def expected_next_gain(self, q_last: np.ndarray, cum_last: np.ndarray, position: int, threshold: float) -> float:
+    def expected_next_gain(self, q_last: list[float], cum_last: list[float], position: int, threshold: float) -> float:
         """Expected sum over requests of max(0, estimate of their next draft token - threshold), the
         next token's q unknown: its bin follows the counted moves from the last token's q bin."""
         if self.next_bin is None:
             self._refit_moves()
-        probs = self.next_bin[self._bin(q_last, self.num_bins)]  # [B, bins]
-        values = cum_last[:, None] * self.table[min(position, self.positions - 1)][None, :]
-        return float((probs * np.maximum(values - threshold, 0.0)).sum())
+        table, bins = self.table_rows[min(position, self.positions - 1)], self.num_bins
+        gain = 0.0
+        for q, cum in zip(q_last, cum_last):
+            moves = self.next_rows[min(int(q * bins), bins - 1)]
+            gain += sum(p * (cum * t - threshold) for p, t in zip(moves, table) if cum * t > threshold)
+        return gain
 
     def best_estimate(self, position: int) -> float:
         """The highest estimate any token at this position can get (the table is isotonic in q)."""
@@ -259,13 +266,25 @@ def best_capacity(values, batch_size: int, fixed_time: float, cost: CostModel, m
                                                                                              mean_len))
 
 
-def _best_capacity(values, batch_size: int, fixed_time: float, verify: np.ndarray) -> tuple[int, float]:
-    """best_capacity with the verify times of capacities 0, 1, ... given (at least one more than values)."""
-    v = -np.sort(-_array(values).astype(np.float64).ravel())
-    gains = np.concatenate([[0.0], np.cumsum(v)])  # [N + 1]
-    rates = (batch_size + gains) / (fixed_time + verify[: gains.size])
-    best = int(rates.argmax())
-    return best, float(rates[best])
+def _best_capacity(values, batch_size: int, fixed_time: float, verify) -> tuple[int, float]:
+    """best_capacity with the verify times of capacities 0, 1, ... given (at least one more than values).
+
+    Plain Python over a list: this runs between the forwards of a step, when the forward has just
+    streamed the weights through the CPU caches and each numpy call costs ~10 us where it costs 1 us
+    warm (sorting 16 estimates this way took 95 us through numpy, 16 us in Python). A few dozen
+    numbers per step add up: auto's per-step host work was ~1 ms, 1-3% of a step at batch 1-8.
+    """
+    if not isinstance(values, list):
+        values = _array(values).ravel().tolist()
+    if isinstance(verify, np.ndarray):
+        verify = verify[: len(values) + 1].tolist()
+    best, best_rate, gain = 0, batch_size / (fixed_time + verify[0]), 0.0
+    for c, v in enumerate(sorted(values, reverse=True), 1):
+        gain += v
+        rate = (batch_size + gain) / (fixed_time + verify[c])
+        if rate > best_rate:
+            best, best_rate = c, rate
+    return best, best_rate
 
 
 REUSE_MARGIN = 0.02  # a plain verdict this clear (drafting predicted this much slower) ...
@@ -310,6 +329,7 @@ class StepPrices:
 EXPLORE_MARGIN = 0.1  # plain steps predicted within this of drafting are timed before they are ruled out
 EXPLORE_STEPS = 4  # ... for this many steps, once speculative steps have been timed EXPLORE_AFTER times
 EXPLORE_AFTER = 8
+REEXPLORE_AFTER = 64  # ... and once more after this many speculative steps in a row
 PROBE_BUDGET = 0.03  # probes may cost at most this fraction of the plain decoding time between them
 PROBE_ROWS = 4  # a probe drafts for this many sequences, those the draft has read the most of
 LEARN_EVERY = 8  # speculative steps whose outcomes are learned from in one go (observe)
@@ -429,17 +449,18 @@ class AutoTetris(Selector):
         r = clock.ratio
         plain_time = r["plain"] * self.cost.target_time(B, B, s)
         plain = B / plain_time
-        lags = (np.asarray(batch.lags, dtype=np.float64) if batch.lags  # unknown: spread evenly
-                else np.full(B, (batch.lag_tokens + batch.entering_tokens) / B))
+        lags = (list(batch.lags) if batch.lags  # unknown: spread evenly
+                else [(batch.lag_tokens + batch.entering_tokens) / B] * B)
         drafting, rows = self._drafting_rate(batch, lags, self.prices(B, s), r["draft"])
         # Whether plain or speculative steps run faster relative to the profile depends on the host's
         # load (a busy host slows memory-bound plain steps more), so near a tie plain steps are timed
-        # on this machine, in this range, before they are ruled out. (The other way round, probes
+        # on this machine, in this range, before they are ruled out, and re-timed now and then while
+        # speculation keeps winning narrowly. (The other way round, probes
         # time drafting: a few full drafting steps would pay every running prompt's catch-up.)
         if drafting > plain:
             counts = clock.counts
-            if (counts.get("verify", 0) >= EXPLORE_AFTER and counts.get("plain", 0) < EXPLORE_STEPS
-                    and plain >= (1 - EXPLORE_MARGIN) * drafting):
+            if (counts.get("verify", 0) >= EXPLORE_AFTER and plain >= (1 - EXPLORE_MARGIN) * drafting
+                    and (counts.get("plain", 0) < EXPLORE_STEPS or clock.spec_run >= REEXPLORE_AFTER)):
                 return 0
             self.steps_without_draft = 0
             self.plain_seconds = 0.0
@@ -448,14 +469,14 @@ class AutoTetris(Selector):
             return self.max_depth
         # A probe pays its sequences' catch-up: it waits until the plain steps since the last one
         # took 1 / PROBE_BUDGET times as long as it will.
-        probe = np.argsort(lags, kind="stable")[:PROBE_ROWS]
-        probe_cost = r["draft"] * (self.cost.catch_up_time(float(lags[probe].sum()))
-                                   + self.max_depth * self.cost.draft_time(probe.size, s))
+        probe = sorted(range(B), key=lags.__getitem__)[:PROBE_ROWS]
+        probe_cost = r["draft"] * (self.cost.catch_up_time(float(sum(lags[i] for i in probe)))
+                                   + self.max_depth * self.cost.draft_time(len(probe), s))
         if self._probe_due(probe_cost):
             self.steps_without_draft = 0
             self.plain_seconds = 0.0
             self.probe_interval = min(2 * self.probe_interval, 16 * self.probe_every)
-            self.rows, self.probing = (sorted(probe.tolist()) if probe.size < B else None), True
+            self.rows, self.probing = (sorted(probe) if len(probe) < B else None), True
             return self.max_depth
         self.steps_without_draft += 1
         self.plain_seconds += plain_time
@@ -463,7 +484,7 @@ class AutoTetris(Selector):
             self.verdict = PlainVerdict(B, batch.lag_tokens, batch.remaining, plain_time, probe_cost)
         return 0
 
-    def _drafting_rate(self, batch: BatchInfo, lags: np.ndarray, price: StepPrices, draft_ratio: float
+    def _drafting_rate(self, batch: BatchInfo, lags: list[float], price: StepPrices, draft_ratio: float
                        ) -> tuple[float, list[int] | None]:
         """The best predicted rate of a speculative step over typical drafts, and the sequences it
         drafts for (None: all of them).
@@ -476,34 +497,35 @@ class AutoTetris(Selector):
         with no drafts while the others go on speculating. (Priced for the batch as a whole, such a
         burst once turned drafting off for everyone, and the lag that built up meanwhile kept it
         off: at 8 requests, 6% below fixed k = 1.) A lag the first draft forward absorbs
-        (INLINE_CATCH_UP) costs nothing apart.
+        (INLINE_CATCH_UP) costs nothing apart. Plain Python, as _best_capacity.
         """
         B = batch.batch_size
-        remaining = np.asarray(batch.remainings, dtype=np.float64) if batch.remainings else np.full(B, batch.remaining)
-        catch_up = draft_ratio * self.cost.catch_up_time(np.where(lags > INLINE_CATCH_UP, lags, 0.0))
-        means = np.cumsum(self.level_means)  # expected accepted drafts per sequence, drafting to depth d
-        order = np.argsort(catch_up / np.maximum(remaining, 1.0), kind="stable")
-        m = np.arange(1, B + 1)
-        draft = price.draft(m)  # [B]: one draft forward over the m sequences cheapest to catch up on
-        best, best_m = 0.0, B
+        remaining = list(batch.remainings) if batch.remainings else [batch.remaining] * B
+        catch_up = [draft_ratio * self.cost.catch_up_time(lag) if lag > INLINE_CATCH_UP else 0.0 for lag in lags]
+        means = list(itertools.accumulate(self.level_means))  # expected accepted drafts per sequence, to depth d
+        order = sorted(range(B), key=lambda i: catch_up[i] / max(remaining[i], 1.0))
+        draft = price.draft(np.arange(1, B + 1)).tolist()  # one draft forward over the m cheapest to catch up on
+        verify = price.verify.tolist()
+        best, best_m, spread_one = 0.0, B, []
         for d in range(1, self.max_depth + 1):
-            steps_left = np.maximum(remaining[order] / (1 + means[d - 1]), 1.0)
-            spread = np.cumsum(catch_up[order] / steps_left)  # [B]: the catch-up per step of the m cheapest
-            if d == 1:
-                spread_one = spread  # drafting one level
-            rates = (B + m * means[d - 1]) / (spread + d * draft + price.verify[m * d])
-            i = int(rates.argmax())
-            if rates[i] > best:
-                best, best_m = float(rates[i]), i + 1
+            total, spread = 0.0, []  # the catch-up per step of the m cheapest, m = 1..B
+            for i in order:
+                total += catch_up[i] / max(remaining[i] / (1 + means[d - 1]), 1.0)
+                spread.append(total)
+            spread_one = spread_one or spread  # drafting one level
+            for m in range(1, B + 1):
+                rate = (B + m * means[d - 1]) / (spread[m - 1] + d * draft[m - 1] + verify[m * d])
+                if rate > best:
+                    best, best_m = rate, m
         # One level, of which select verifies only the best: a typical batch of first drafts, priced
         # the way select prices the real ones. (Verifying all of them undersells drafting where only
         # the confident part pays: at high batch, verified tokens are dear.)
-        for n in {best_m, B}:
-            fixed = float(spread_one[n - 1] + draft[n - 1])
-            rate = _best_capacity(self.estimator.typical_first_estimates(n), B, fixed, price.verify)[1]
+        for n in sorted({best_m, B}):
+            fixed = spread_one[n - 1] + draft[n - 1]
+            rate = _best_capacity(self.estimator.typical_first_estimates(n), B, fixed, verify)[1]
             if rate > best:
                 best, best_m = rate, n
-        return best, (None if best_m == B else sorted(order[:best_m].tolist()))
+        return best, (None if best_m == B else sorted(order[:best_m]))
 
     def _probe_due(self, probe_cost: float) -> bool:
         return self.steps_without_draft >= self.probe_interval and self.plain_seconds * PROBE_BUDGET >= probe_cost
@@ -539,12 +561,17 @@ class AutoTetris(Selector):
         clock.spec_run = clock.spec_run + 1 if record.depth > 0 else 0
         # A long run of one kind of step leaves the other kind's ratio stale (a few steps timed
         # during a slow or a fast spell must not decide for good), so it drifts toward the ratio
-        # being measured, i.e. toward the profile's relative costs.
+        # being measured, i.e. toward the profile's relative costs. Speculation's drifts fast: while
+        # drafting is paused it is re-timed only by probes, which are rare and dear. Plain decoding's
+        # drifts slowly: near a tie it is re-timed every REEXPLORE_AFTER speculative steps (one plain
+        # step costs at most EXPLORE_MARGIN of a step), and the profile's relative costs are not the
+        # host's: here plain steps ran 5-9% further over their profiled time than verifies at batch 8,
+        # and a fast drift had erased that within 100 steps, so drafting looked barely worth it.
         if clock.plain_run > 16:
             for kind in ("draft", "verify"):
                 r[kind] += 0.01 * (r["plain"] - r[kind])
         if clock.spec_run > 16:
-            r["plain"] += 0.01 * (r["verify"] - r["plain"])
+            r["plain"] += 0.001 * (r["verify"] - r["plain"])
         if record.depth == 0:
             parts = [("plain", record.seconds, self.cost.target_time(B, record.tokens, s))]
         else:
@@ -562,12 +589,20 @@ class AutoTetris(Selector):
         for kind in r.keys() - clock.counts.keys():  # not timed here yet: moves as the timed kind did
             r[kind] *= r[source] / before
 
-    def _running_estimates(self, logprobs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Draft probabilities q [B, j] and the running products of their estimates along each draft:
-        the estimated probability that each token is accepted (0 for a row that was not drafted,
-        whose log-confidence is -inf: see Proposal.scatter)."""
-        q = np.exp(_array(logprobs))
-        return q, np.cumprod(np.where(q > 0, self.estimator.estimate_drafts(q), 0.0), 1)
+    def _running_estimates(self, logprobs: torch.Tensor) -> tuple[list[list[float]], list[list[float]]]:
+        """Draft probabilities q [B][j] and the running products of their estimates along each draft:
+        the estimated probability that each token is accepted (0 past where a row stopped drafting, and
+        for a row that was not drafted: log-confidence -inf, see Proposal.scatter). Lists, see
+        _best_capacity."""
+        q = [[math.exp(x) for x in row] for row in logprobs.tolist()]
+        cum = []
+        for probs, estimates in zip(q, self.estimator.estimate_drafts(q)):
+            running, row = 1.0, []
+            for x, e in zip(probs, estimates):
+                running = running * e if x > 0 else 0.0
+                row.append(running)
+            cum.append(row)
+        return q, cum
 
     def keep_going(self, batch: BatchInfo):
         """Draft one more level when its expected worth beats its cost. Stopping now gives the best
@@ -588,15 +623,19 @@ class AutoTetris(Selector):
             m, j = logprobs.shape
             q, cum = self._running_estimates(logprobs)
             price = self.prices(B, batch.mean_len)
-            capacity, rate = _best_capacity(cum, B, j * price.draft(m), price.verify)
+            capacity, rate = _best_capacity([c for row in cum for c in row], B, j * price.draft(m), price.verify)
             # marginal verify time per token over the next m tokens (a whole next level)
             threshold = rate * float(price.verify[capacity + m] - price.verify[capacity]) / m
-            rows = cum[:, -1] * self.estimator.best_estimate(j) > threshold
-            n = int(rows.sum())
-            if n == 0:
-                return rows.tolist()
-            worth = self.estimator.expected_next_gain(q[:, -1], cum[:, -1], j, threshold)
-            return (rows & (worth > rate * price.draft(n))).tolist()
+            best = self.estimator.best_estimate(j)
+            rows = [i for i in range(m) if cum[i][-1] * best > threshold]
+            keep = [False] * m
+            if rows:  # the others' next tokens cannot pay: they add nothing to the worth
+                worth = self.estimator.expected_next_gain([q[i][-1] for i in rows], [cum[i][-1] for i in rows], j,
+                                                          threshold)
+                if worth > rate * price.draft(len(rows)):
+                    for i in rows:
+                        keep[i] = True
+            return keep
 
         return decide
 
@@ -604,17 +643,20 @@ class AutoTetris(Selector):
     def select(self, draft_logprobs: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
         B, K = draft_logprobs.shape
         q, cum = self._running_estimates(draft_logprobs)
-        drafted = q[:, 0] > 0  # rows a probe left out have q = 0 (Proposal.scatter)
-        for j, m in enumerate(cum[drafted].mean(0).tolist()):
-            self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * m
+        drafted = [row for p, row in zip(q, cum) if p[0] > 0]  # rows a probe left out have q = 0 (Proposal.scatter)
+        for j in range(K):
+            self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * sum(row[j] for row in drafted) / len(drafted)
         if K < self.max_depth:
             self._project_levels(K)
         price = self.prices(B, batch.mean_len)
-        capacity, _ = _best_capacity(cum, B, K * price.draft(int(drafted.sum())), price.verify)
+        scores = [cum[n % B][n // B] for n in range(B * K)]  # position-major, as tetris_select ranks
+        capacity, _ = _best_capacity(scores, B, K * price.draft(len(drafted)), price.verify)
         self.last_capacity = capacity
-        # the same position-major stable order as tetris_select: prefixes, ties to shallow
-        order = np.argsort(-cum.T.ravel(), kind="stable")[:capacity]
-        return torch.from_numpy(np.bincount(order % B, minlength=B))
+        # the same stable order as tetris_select: prefixes, ties to shallow
+        lengths = [0] * B
+        for n in sorted(range(B * K), key=lambda n: -scores[n])[:capacity]:
+            lengths[n % B] += 1
+        return torch.tensor(lengths)
 
     def _project_levels(self, drafted: int) -> None:
         """Levels past the deepest drafted have no fresh means of their own: the estimator's projection
