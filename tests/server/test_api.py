@@ -661,6 +661,28 @@ def test_a_request_that_would_overfill_the_queue_is_503(server, monkeypatch):
     wait_until(lambda: blocks_free(server))
 
 
+def test_a_body_over_the_limit_is_413_and_others_go_on(server, client, refs):
+    """--max-request-bytes: a declared Content-Length over it is refused before the body is read, a
+    chunked body (no length) once it has grown past it; requests within it are served as usual."""
+    live = LiveServer(build_app(server.aengine, NAME, max_request_bytes=1000))
+    try:
+        url, json_type = f"{live.url}/v1/completions", {"content-type": "application/json"}
+        big = json.dumps({"prompt": "x" * 2000, "max_tokens": 1}).encode()
+        pieces = [big[i : i + 300] for i in range(0, len(big), 300)]
+        for response in (httpx.post(url, content=big, headers=json_type, timeout=60),
+                         httpx.post(url, content=iter(pieces), headers=json_type, timeout=60)):  # chunked
+            assert response.status_code == 413
+            assert response.json()["error"]["code"] == "request_too_large"
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        small = {"model": NAME, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
+        chunked = httpx.post(url, content=iter([json.dumps(small).encode()]), headers=json_type, timeout=60)
+        assert chunked.status_code == 200 and chunked.json()["choices"][0]["text"] == refs["completions"][0]
+    finally:
+        live.stop()
+    assert client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0
+                                     ).choices[0].text == refs["completions"][0]
+
+
 # ---- api key ------------------------------------------------------------------------------------
 def test_api_key(server):
     live = LiveServer(build_app(server.aengine, NAME, api_key="sekret"))

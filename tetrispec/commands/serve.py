@@ -23,6 +23,8 @@ def register(sub) -> None:
                    help="require 'Authorization: Bearer <key>' on /v1 routes (default: $TETRISPEC_API_KEY)")
     p.add_argument("--max-waiting-requests", type=_positive, default=None,
                    help="answer 503 while this many requests wait to be scheduled (default: unbounded)")
+    p.add_argument("--max-request-bytes", type=_positive, default=None,
+                   help="answer 413 to a request body larger than this (default: 32 MiB)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: the --model path, or the default model's name)")
     p.add_argument("--uvicorn-log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -70,7 +72,8 @@ def run(args) -> int:
     sock = listen(args.host, args.port)
     name = served_name(args)
     async_engine = AsyncEngine(LLMEngine(build_config(**engine_kwargs(args)))).start()
-    app = build_app(async_engine, name, api_key=args.api_key, max_waiting_requests=args.max_waiting_requests)
+    app = build_app(async_engine, name, api_key=args.api_key, max_waiting_requests=args.max_waiting_requests,
+                    max_request_bytes=args.max_request_bytes)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=None))
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"tetrispec serve: {name} on http://{host}:{sock.getsockname()[1]}/v1 "

@@ -124,6 +124,55 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+MAX_REQUEST_BYTES = 32 * 2**20  # default body limit: 100 prompts of 8k tokens as id lists are ~5 MB
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over max_bytes is a 413 before anything parses it. FastAPI reads
+    a whole body into memory (and its JSON into objects several times larger), so one oversized
+    request could take the memory every other request's KV cache lives beside. A declared
+    Content-Length is checked up front (the HTTP server stops a body at it); a body without one
+    (chunked) is read here, counted, and handed on."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                await self._reject(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":  # the client went away
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> dict:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, f"request body is larger than {self.max_bytes} bytes (the server's "
+                                       "--max-request-bytes)", code="request_too_large")
+        await response(scope, receive, send)
+
+
 def _param_of(error: ValueError, fields: tuple[str, ...]) -> str | None:
     """SamplingParams' messages start with the field name ('top_p must be in (0, 1]')."""
     first = str(error).split(" ", 1)[0]
@@ -144,7 +193,7 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 
 
 def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None,
-              max_waiting_requests: int | None = None) -> FastAPI:
+              max_waiting_requests: int | None = None, max_request_bytes: int | None = None) -> FastAPI:
     """An app over a started AsyncEngine. The caller owns the engine's lifecycle (start, then
     shutdown after the server stopped), so several apps may share one engine."""
     engine = async_engine.engine
@@ -176,6 +225,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
 
     if api_key is not None:
         app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes or MAX_REQUEST_BYTES)  # outermost: added last
 
     # ---- plain routes ---------------------------------------------------------------------
     @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: busybox `wget --spider` health checks
