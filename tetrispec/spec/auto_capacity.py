@@ -45,8 +45,8 @@ class AcceptanceEstimator:
 
     It also counts how a draft's confidence moves from one position to the next (q bin -> next
     q bin, draft-side only), which prices drafting one more level before it is drafted.
-    Everything is a small numpy table, fitted from numpy; what runs between the forwards of a step
-    (estimate_drafts, expected_next_gain) reads list copies of it in plain Python (see _best_capacity).
+    The tables are small numpy arrays, refitted in numpy; what runs between the forwards of a step
+    (estimate_drafts, expected_next_gain) reads list copies of them in plain Python (see _best_capacity).
     """
 
     def __init__(self, num_bins: int = 20, positions: int = 3, prior_weight: float = 8.0, warmup: int = 500,
