@@ -262,11 +262,11 @@ def best_capacity(values, batch_size: int, fixed_time: float, cost: CostModel, m
     Returns (C, rate): the C best tokens maximize (B + their sum) / (fixed_time + verify(B + C)).
     """
     n = np.arange(_array(values).size + 1, dtype=np.float64)
-    return _best_capacity(values, batch_size, fixed_time, verify_scale * cost.target_time(batch_size, batch_size + n,
-                                                                                             mean_len))
+    verify = verify_scale * cost.target_time(batch_size, batch_size + n, mean_len)
+    return _best_capacity(values, batch_size, fixed_time, verify.tolist())
 
 
-def _best_capacity(values, batch_size: int, fixed_time: float, verify) -> tuple[int, float]:
+def _best_capacity(values, batch_size: int, fixed_time: float, verify: list[float]) -> tuple[int, float]:
     """best_capacity with the verify times of capacities 0, 1, ... given (at least one more than values).
 
     Plain Python over a list: this runs between the forwards of a step, when the forward has just
@@ -276,8 +276,6 @@ def _best_capacity(values, batch_size: int, fixed_time: float, verify) -> tuple[
     """
     if not isinstance(values, list):
         values = _array(values).ravel().tolist()
-    if isinstance(verify, np.ndarray):
-        verify = verify[: len(values) + 1].tolist()
     best, best_rate, gain = 0, batch_size / (fixed_time + verify[0]), 0.0
     for c, v in enumerate(sorted(values, reverse=True), 1):
         gain += v
@@ -319,7 +317,8 @@ class StepPrices:
     cost: CostModel
     draft_ratio: float
     mean_len: float
-    verify: np.ndarray  # [B * max_depth + 1]: the target forward verifying B + c tokens, c = 0, 1, ...
+    verify: list[float]  # [B * max_depth + 1]: the target forward verifying B + c tokens, c = 0, 1, ... (a list:
+    # the per-step decisions read it in plain Python, see _best_capacity)
 
     def draft(self, rows):
         """One draft forward over `rows` sequences (a number, or an array of row counts -> an array)."""
@@ -378,7 +377,7 @@ class AutoTetris(Selector):
                 n = self._padded(batch_size + np.arange(batch_size * self.max_depth + 1))
                 at_zero = self.cost.target_time(batch_size, n, 0.0)
                 line = self._verify_lines[batch_size] = (at_zero, self.cost.target_time(batch_size, n, 1.0) - at_zero)
-            verify = r["verify"] * np.maximum(line[0] + mean_len * line[1], 1e-6)
+            verify = (r["verify"] * np.maximum(line[0] + mean_len * line[1], 1e-6)).tolist()
             self._prices = StepPrices(key, self.cost, r["draft"], mean_len, verify)
         return self._prices
 
@@ -505,7 +504,7 @@ class AutoTetris(Selector):
         means = list(itertools.accumulate(self.level_means))  # expected accepted drafts per sequence, to depth d
         order = sorted(range(B), key=lambda i: catch_up[i] / max(remaining[i], 1.0))
         draft = price.draft(np.arange(1, B + 1)).tolist()  # one draft forward over the m cheapest to catch up on
-        verify = price.verify.tolist()
+        verify = price.verify
         best, best_m, spread_one = 0.0, B, []
         for d in range(1, self.max_depth + 1):
             total, spread = 0.0, []  # the catch-up per step of the m cheapest, m = 1..B
@@ -625,7 +624,7 @@ class AutoTetris(Selector):
             price = self.prices(B, batch.mean_len)
             capacity, rate = _best_capacity([c for row in cum for c in row], B, j * price.draft(m), price.verify)
             # marginal verify time per token over the next m tokens (a whole next level)
-            threshold = rate * float(price.verify[capacity + m] - price.verify[capacity]) / m
+            threshold = rate * (price.verify[capacity + m] - price.verify[capacity]) / m
             best = self.estimator.best_estimate(j)
             rows = [i for i in range(m) if cum[i][-1] * best > threshold]
             keep = [False] * m
