@@ -17,6 +17,7 @@ from tetrispec.spec.auto_capacity import (
     reliability_table,
 )
 from tetrispec.spec.cost_model import CostModel, PiecewiseLinear, StepRecord, VerifyGrid, isotonic
+from tetrispec.spec.proposer import INLINE_CATCH_UP
 from tetrispec.spec.selectors import BatchInfo
 
 
@@ -499,6 +500,35 @@ def test_a_clear_plain_verdict_stands_for_a_few_steps():
     assert depths([BatchInfo(8, 100, lag_tokens=800), BatchInfo(8, 100, lag_tokens=100)]) == [2]
     # more output left (a new request): priced afresh
     assert depths([BatchInfo(8, 100, remaining=10), BatchInfo(8, 100, remaining=50)]) == [2]
+
+
+def test_a_clear_drafting_verdict_stands_while_nothing_is_left_to_catch_up_on():
+    never = CostModel.linear(0.001, 0.01, draft_fixed=0.004)  # drafting never pays
+    pays = cost(per_token=0.002, fixed=0.05, draft=0.001)  # drafting pays by far
+
+    def depths(batches: list[BatchInfo]) -> list[int]:
+        """Priced with `pays`, then with `never`: the steps a verdict still stands for draft."""
+        def observe(b: BatchInfo, d: int) -> None:  # a step that ran as priced
+            B, c = b.batch_size, sel.cost
+            draft = d * c.draft_time(B, 100.0)
+            sel.observe_step(StepRecord(B, B * (d + 1), d, 100.0, c.target_time(B, B * (d + 1), 100.0) + draft, draft))
+
+        sel = AutoTetris(max_depth=2, cost=pays, probe_every=10**6)
+        assert sel.depth(batches[0]) == 2
+        observe(batches[0], 2)
+        sel.cost = never
+        out = []
+        for b in batches[1:]:
+            out.append(sel.depth(b))
+            observe(b, out[-1])
+        return out
+
+    caught_up = BatchInfo(8, 100, lags=(1,) * 8)
+    assert depths([caught_up] * 12) == [2] * (REUSE_STEPS - 1) + [0] * (12 - REUSE_STEPS)  # re-priced after 8
+    assert depths([caught_up, BatchInfo(9, 100, lags=(1,) * 9)]) == [0]  # another batch size: priced afresh
+    # a request entered, or one has more than the first draft forward absorbs to catch up on: priced afresh
+    assert depths([caught_up, BatchInfo(8, 100, entering_tokens=50, lags=(1,) * 7 + (50,))]) == [0]
+    assert depths([caught_up, BatchInfo(8, 100, lags=(1,) * 7 + (INLINE_CATCH_UP + 1,))]) == [0]
 
 
 def test_typical_level_means_follow_first_drafts_and_their_moves():

@@ -124,7 +124,7 @@ class AcceptanceEstimator:
 
     def best_estimate(self, position: int) -> float:
         """The highest estimate any token at this position can get (the table is isotonic in q)."""
-        return float(self.table[min(position, self.positions - 1), -1])
+        return self.table_rows[min(position, self.positions - 1)][-1]
 
     def update(self, q, positions, outcomes) -> None:
         """Verified tokens whose prefix was accepted: draft probabilities q [N], positions [N], outcomes [N] 0/1."""
@@ -285,25 +285,34 @@ def _best_capacity(values, batch_size: int, fixed_time: float, verify: list[floa
     return best, best_rate
 
 
-REUSE_MARGIN = 0.02  # a plain verdict this clear (drafting predicted this much slower) ...
+REUSE_MARGIN = 0.02  # a verdict this clear (one kind of step predicted this much faster) ...
 REUSE_STEPS = 8  # ... stands for this many more steps at the same batch size without being re-priced
 
 
 @dataclass
-class PlainVerdict:
-    """A clear decision to decode plainly, kept for a few steps: re-pricing it every step cost auto
-    about 0.6% of plain decoding's time at batch 1, and the inputs move little between steps."""
+class Verdict:
+    """A clear choice between plain and speculative steps, kept for a few steps: re-pricing it every
+    step cost auto about 0.6% of plain decoding's time at batch 1 (and 0.2% of a step at batch 4 when
+    drafting), and the inputs move little between steps. Drafting's price moves with the draft's lag
+    (catch-up) and the output left (the steps it is spread over): a plain verdict stands while the lag
+    only grows and the output left only shrinks (drafting only gets dearer); a drafting verdict (every
+    sequence drafted for) while no sequence has more than the first draft forward absorbs to catch up
+    on (then neither matters) and none has entered."""
 
     batch_size: int
-    lag_tokens: int  # the draft's lag and the output left when it was priced: while the lag only
-    remaining: float  # grows and the output left only shrinks, drafting only gets dearer
+    depth: int  # 0: plain steps; else drafting for every sequence to this depth
+    lag_tokens: int  # the draft's lag and the output left when it was priced (plain verdicts)
+    remaining: float
     plain_time: float  # predicted time of one plain step (counted toward the next probe)
-    probe_cost: float  # what the next probe is priced at (a due probe ends the verdict)
+    probe_cost: float  # what the next probe is priced at (a due probe ends a plain verdict)
     steps: int = REUSE_STEPS  # further steps it stands for (counted by observe_step)
 
     def holds(self, batch: BatchInfo) -> bool:
-        return (self.steps > 0 and batch.batch_size == self.batch_size and batch.lag_tokens >= self.lag_tokens
-                and batch.remaining <= self.remaining)
+        if self.steps <= 0 or batch.batch_size != self.batch_size:
+            return False
+        if self.depth:
+            return batch.entering_tokens == 0 and max(batch.lags, default=batch.lag_tokens) <= INLINE_CATCH_UP
+        return batch.lag_tokens >= self.lag_tokens and batch.remaining <= self.remaining
 
 
 @dataclass
@@ -359,7 +368,7 @@ class AutoTetris(Selector):
         self._verify_lines: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per batch size (prices)
         self._lines_cost: CostModel | None = None  # the cost model they came from
         self.queued: list[tuple] = []  # outcomes not yet learned from (observe)
-        self.verdict: PlainVerdict | None = None
+        self.verdict: Verdict | None = None
 
     def prices(self, batch_size: int, mean_len: float) -> StepPrices:
         """This step's StepPrices (the clock only moves between steps, so the key changes every step)."""
@@ -374,19 +383,17 @@ class AutoTetris(Selector):
                 # (gemm_rows): at batch 8 here, 10 to 15 tokens cost what 16 do. The profile's grid
                 # interpolates between its knots and cannot see that; priced at the padded count, a
                 # capacity that lands in such a gap is seen to cost as much as filling it.
-                n = self._padded(batch_size + np.arange(batch_size * self.max_depth + 1))
+                n = np.array([self._padded(batch_size + c) for c in range(batch_size * self.max_depth + 1)])
                 at_zero = self.cost.target_time(batch_size, n, 0.0)
                 line = self._verify_lines[batch_size] = (at_zero, self.cost.target_time(batch_size, n, 1.0) - at_zero)
             verify = (r["verify"] * np.maximum(line[0] + mean_len * line[1], 1e-6)).tolist()
             self._prices = StepPrices(key, self.cost, r["draft"], mean_len, verify)
         return self._prices
 
-    def _padded(self, tokens: np.ndarray) -> np.ndarray:
-        """Token counts -> the row counts the target's matmuls run them at (see prices)."""
+    def _padded(self, tokens: int) -> float:
+        """A token count -> the row count the target's matmuls run it at (see prices)."""
         plan = self.row_plan
-        if not plan:
-            return tokens.astype(np.float64)
-        return np.array([plan[int(t)] if t < len(plan) else t for t in tokens], dtype=np.float64)
+        return float(plan[tokens] if plan and tokens < len(plan) else tokens)
 
     def clock(self, batch_size: int) -> StepClock:
         """The StepClock of this batch size's range (powers of two). A range seen for the first time
@@ -432,18 +439,21 @@ class AutoTetris(Selector):
         up on every running context is what made probes expensive (at 32 requests, reading
         6,000 tokens of prompts cost 2% of a whole run).
 
-        A clear plain verdict (drafting predicted at least REUSE_MARGIN slower) stands for the next
-        REUSE_STEPS steps at the same batch size while nothing moves in drafting's favour, unless a
-        probe falls due (PlainVerdict).
+        A clear verdict (one kind of step predicted at least REUSE_MARGIN faster) stands for the next
+        REUSE_STEPS steps at the same batch size while nothing moves against it, a plain one unless a
+        probe falls due (Verdict).
         """
         self.rows, self.probing = None, False
         B, s = batch.batch_size, batch.mean_len
         clock = self.clock(B)
         verdict = self.verdict
-        if verdict and verdict.holds(batch) and not self._probe_due(verdict.probe_cost):
-            self.steps_without_draft += 1
-            self.plain_seconds += verdict.plain_time
-            return 0
+        if verdict and verdict.holds(batch):
+            if verdict.depth:
+                return verdict.depth
+            if not self._probe_due(verdict.probe_cost):
+                self.steps_without_draft += 1
+                self.plain_seconds += verdict.plain_time
+                return 0
         self.verdict = None
         r = clock.ratio
         plain_time = r["plain"] * self.cost.target_time(B, B, s)
@@ -465,6 +475,8 @@ class AutoTetris(Selector):
             self.plain_seconds = 0.0
             self.probe_interval = self.probe_every
             self.rows = rows
+            if rows is None and plain < (1 - REUSE_MARGIN) * drafting:
+                self.verdict = Verdict(B, self.max_depth, batch.lag_tokens, batch.remaining, plain_time, 0.0)
             return self.max_depth
         # A probe pays its sequences' catch-up: it waits until the plain steps since the last one
         # took 1 / PROBE_BUDGET times as long as it will.
@@ -480,7 +492,7 @@ class AutoTetris(Selector):
         self.steps_without_draft += 1
         self.plain_seconds += plain_time
         if drafting < (1 - REUSE_MARGIN) * plain:
-            self.verdict = PlainVerdict(B, batch.lag_tokens, batch.remaining, plain_time, probe_cost)
+            self.verdict = Verdict(B, 0, batch.lag_tokens, batch.remaining, plain_time, probe_cost)
         return 0
 
     def _drafting_rate(self, batch: BatchInfo, lags: list[float], price: StepPrices, draft_ratio: float
@@ -576,7 +588,7 @@ class AutoTetris(Selector):
         else:
             parts = [("draft", record.draft_seconds, record.depth * self.cost.draft_time(record.draft_rows or B, s)),
                      ("verify", record.seconds - record.draft_seconds - record.catch_up_seconds,
-                      self.cost.target_time(B, float(self._padded(np.array([record.tokens]))[0]), s))]
+                      self.cost.target_time(B, self._padded(record.tokens), s))]
         source = "plain" if record.depth == 0 else "verify"
         before = r[source]
         for kind, measured, predicted in parts:
@@ -617,11 +629,11 @@ class AutoTetris(Selector):
         if self.probing:
             return None
         B = batch.batch_size
+        price = self.prices(B, batch.mean_len)  # the clock moves only between steps
 
         def decide(logprobs: torch.Tensor) -> list[bool]:  # [rows drafted for, j] drafted so far
             m, j = logprobs.shape
             q, cum = self._running_estimates(logprobs)
-            price = self.prices(B, batch.mean_len)
             capacity, rate = _best_capacity([c for row in cum for c in row], B, j * price.draft(m), price.verify)
             # marginal verify time per token over the next m tokens (a whole next level)
             threshold = rate * (price.verify[capacity + m] - price.verify[capacity]) / m
@@ -678,14 +690,19 @@ class AutoTetris(Selector):
     def learn(self) -> None:
         """Learn from the queued outcomes now (also done before the calibration is read)."""
         queued, self.queued = self.queued, []
+        if not queued:
+            return
         before = self.estimator.seen
-        for proposal_logprobs, lengths, accepted in queued:
-            probs = np.exp(_array(proposal_logprobs))  # [B, K]
-            self.estimator.count_transitions(probs[probs[:, 0] > 0])  # rows not drafted have q = 0
-            accepted = np.asarray(accepted)
-            pos = np.arange(probs.shape[1])
-            rows, cols = np.nonzero(pos[None, :] < np.minimum(lengths, accepted + 1)[:, None])  # prefix accepted
-            self.estimator.update(probs[rows, cols], cols, cols < accepted[rows])
+        # the steps' drafts as one [sum of B, deepest K] block, shallower drafts padded with q = 0 (not drafted)
+        K = max(logprobs.shape[1] for logprobs, _, _ in queued)
+        probs = np.exp(_array(torch.cat([torch.nn.functional.pad(logprobs.float(), (0, K - logprobs.shape[1]),
+                                                                 value=-math.inf) for logprobs, _, _ in queued])))
+        lengths = np.concatenate([np.asarray(lengths) for _, lengths, _ in queued])
+        accepted = np.concatenate([np.asarray(accepted) for _, _, accepted in queued])
+        self.estimator.count_transitions(probs[probs[:, 0] > 0])  # rows not drafted have q = 0
+        pos = np.arange(K)
+        rows, cols = np.nonzero(pos[None, :] < np.minimum(lengths, accepted + 1)[:, None])  # prefix accepted
+        self.estimator.update(probs[rows, cols], cols, cols < accepted[rows])
         if self.state_path and self.estimator.seen // 1000 != before // 1000:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
             self.state_path.write_text(json.dumps({**self.estimator.state(), "level_means": self.level_means}))
