@@ -225,8 +225,10 @@ def test_keep_going_decisions_are_timed_apart_from_the_draft_forwards(tiny_pair,
             return [True] * logprobs.shape[0]
         return decide
 
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm.generate(mixed_prompts(4), params)  # warm-up: on CUDA the first draft forwards pay one-off set-up
     monkeypatch.setattr(llm.engine.selector, "keep_going", slow_keep_going)
     llm.engine.step_trace = []
-    llm.generate(mixed_prompts(4), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    llm.generate(mixed_prompts(4), params)
     spec = [r for r in llm.engine.step_trace if r.depth == 3]  # two decisions each (after levels 1 and 2)
     assert spec and all(r.seconds >= 2 * pause and r.draft_seconds < pause for r in spec)
