@@ -209,7 +209,10 @@ def test_stale_speculation_prices_drift_back_while_drafting_is_paused():
     for _ in range(16):  # a short pause keeps what was measured
         sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
     assert sel.clock(8).ratio["verify"] == pytest.approx(3.0, rel=0.05)
-    for _ in range(400):  # a long one lets it fade toward the plain steps' ratio (the profile's relative costs)
+    for _ in range(400):  # slowly: a busy host slows verifies (compute-bound) more than plain steps
+        sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
+    assert sel.clock(8).ratio["verify"] > 2.0 and sel.depth(batch) == 0
+    for _ in range(3000):  # a long pause lets it fade toward the plain steps' ratio (the profile's relative costs)
         sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
     assert sel.clock(8).ratio["verify"] < 1.1 and sel.depth(batch) == 2
 

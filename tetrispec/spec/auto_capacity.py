@@ -341,6 +341,7 @@ REEXPLORE_AFTER = 64  # ... and once more after this many speculative steps in a
 PROBE_BUDGET = 0.03  # probes may cost at most this fraction of the plain decoding time between them
 PROBE_ROWS = 4  # a probe drafts for this many sequences, those the draft has read the most of
 LEARN_EVERY = 8  # speculative steps whose outcomes are learned from in one go (observe)
+RATIO_DRIFT = 0.001  # per step past 16 in a row of one kind: the other kind's clock ratios toward it
 
 
 class AutoTetris(Selector):
@@ -572,17 +573,21 @@ class AutoTetris(Selector):
         clock.spec_run = clock.spec_run + 1 if record.depth > 0 else 0
         # A long run of one kind of step leaves the other kind's ratio stale (a few steps timed
         # during a slow or a fast spell must not decide for good), so it drifts toward the ratio
-        # being measured, i.e. toward the profile's relative costs. Speculation's drifts fast: while
-        # drafting is paused it is re-timed only by probes, which are rare and dear. Plain decoding's
-        # drifts slowly: near a tie it is re-timed every REEXPLORE_AFTER speculative steps (one plain
-        # step costs at most EXPLORE_MARGIN of a step), and the profile's relative costs are not the
-        # host's: here plain steps ran 5-9% further over their profiled time than verifies at batch 8,
-        # and a fast drift had erased that within 100 steps, so drafting looked barely worth it.
+        # being measured, i.e. toward the profile's relative costs, but slowly (RATIO_DRIFT): the
+        # host's relative costs are not the profile's, and they move apart. Verifies are matmuls of
+        # several rows (compute-bound), plain steps at a small batch matrix-vector products (bound by
+        # memory), and a busy host slows the first far more: at c = 1, 2-token verifies ran 30% over
+        # their profiled time in one run and 5% in the next while plain steps stayed within 4%; at
+        # c = 8, plain steps 5-9% further over profile than verifies. A fast drift (1% a step) erased
+        # what was learned within 100 steps, and drafting looked cheap again or barely worth it
+        # (same-process A/B against it: c = 1 +0.7 and +3.3%, c = 2 +0.2%, c = 8 +1.8%, c = 16 -0.8%).
+        # Speculation is re-timed by probes while drafting is paused, plain decoding every
+        # REEXPLORE_AFTER speculative steps near a tie.
         if clock.plain_run > 16:
             for kind in ("draft", "verify"):
-                r[kind] += 0.01 * (r["plain"] - r[kind])
+                r[kind] += RATIO_DRIFT * (r["plain"] - r[kind])
         if clock.spec_run > 16:
-            r["plain"] += 0.001 * (r["verify"] - r["plain"])
+            r["plain"] += RATIO_DRIFT * (r["verify"] - r["plain"])
         if record.depth == 0:
             parts = [("plain", record.seconds, self.cost.target_time(B, record.tokens, s))]
         else:
