@@ -86,6 +86,7 @@ def test_errors_are_one_line_with_exit_code_2(live_server, tiny_pair, tmp_path, 
         ([*common, "--dataset-path", str(torn)], f"{torn}: JSON is cut off before its first complete record"),
         ([*common, "--dataset", "arena"], "a path is required"),
         ([*common, "--dataset", "random", "--request-rate", "0"], "--request-rate must be > 0"),
+        ([*common, "--dataset", "random", "--request-rate", "1e-300"], "hours on average"),  # was a wait of ~1e300 s
         ([*common, "--dataset", "random", "--max-output-len", "0"], "--max-output-len must be >= 1"),
         (["bench", "--base-url", f"http://127.0.0.1:{free_port()}", "--no-progress"], "cannot list models"),
         ([*common, "--dataset", "random", "--tokenizer", str(missing)], "no such file or directory"),

@@ -39,6 +39,9 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
                    help="cap every request's max_tokens (the dataset's output length) at this many tokens")
 
 
+MAX_SENDING_SECONDS = 86400  # a run whose arrivals would span more than a day is refused
+
+
 def add_load_args(p: argparse.ArgumentParser) -> None:
     """How the prompts are sent (bench and sweep)."""
     g = p.add_argument_group("load")
@@ -54,6 +57,10 @@ def check_dataset_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--num-requests must be >= 1, got {args.num_requests}")
     if not args.request_rate > 0:
         raise CLIError(f"--request-rate must be > 0 (inf for a burst), got {args.request_rate}")
+    sending = (args.num_requests - 1) / args.request_rate  # the mean time until the last request is sent
+    if sending > MAX_SENDING_SECONDS:  # a typo (1e-3 for 1e3) otherwise waits for days with no output
+        raise CLIError(f"--request-rate {args.request_rate:g} would take {sending / 3600:.3g} hours on average to send "
+                       f"{args.num_requests} requests (at most {MAX_SENDING_SECONDS // 3600} hours)")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise CLIError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
     if args.max_output_len is not None and args.max_output_len < 1:
