@@ -463,7 +463,7 @@ class AutoTetris(Selector):
                 else [(batch.lag_tokens + batch.entering_tokens) / B] * B)
         drafting, rows = self._drafting_rate(batch, lags, self.prices(B, s), r["draft"])
         # Whether plain or speculative steps run faster relative to the profile depends on the host's
-        # load (a busy host slows memory-bound plain steps more), so near a tie plain steps are timed
+        # load (which kind it slows more varies: see observe_step), so near a tie plain steps are timed
         # on this machine, in this range, before they are ruled out, and re-timed now and then while
         # speculation keeps winning narrowly. (The other way round, probes
         # time drafting: a few full drafting steps would pay every running prompt's catch-up.)
@@ -576,7 +576,7 @@ class AutoTetris(Selector):
         # being measured, i.e. toward the profile's relative costs, but slowly (RATIO_DRIFT): the
         # host's relative costs are not the profile's, and they move apart. Verifies are matmuls of
         # several rows (compute-bound), plain steps at a small batch matrix-vector products (bound by
-        # memory), and a busy host slows the first far more: at c = 1, 2-token verifies ran 30% over
+        # memory), and a busy host can slow either far more: at c = 1, 2-token verifies ran 30% over
         # their profiled time in one run and 5% in the next while plain steps stayed within 4%; at
         # c = 8, plain steps 5-9% further over profile than verifies. A fast drift (1% a step) erased
         # what was learned within 100 steps, and drafting looked cheap again or barely worth it
