@@ -1,8 +1,8 @@
 """Target forwards with and without the short-matmul row padding (tetrispec/model/gemm_rows.py).
 
 One engine, the default target, float32; each shape is timed with the measured plans and with
-plans switched off, alternating, median of --repeats. Shapes: batch 8 at context 300, decode
-(8 x 1), uniform verify (8 x 2) and ragged verifies of 12 and 13 tokens, and batch 4 decode.
+plans switched off, alternating, median of --repeats. Shapes at context 300: decodes and uniform verifies
+at batch 1, 2, 4 and 8, and ragged verifies of 12 and 13 tokens at batch 8.
 
     python benchmarks/gemm_row_padding.py --repeats 15
 """
@@ -17,7 +17,9 @@ from tetrispec import LLM
 from tetrispec.model.gemm_rows import Linear
 from tetrispec.model.model_runner import ForwardItem
 
-SHAPES = {"4 x 1 decode": [1] * 4, "8 x 1 decode": [1] * 8, "8 x 2 verify": [2] * 8,
+SHAPES = {"1 x 1 decode": [1], "1 x 2 verify": [2], "1 x 4 verify": [4], "2 x 1 decode": [1] * 2,
+          "2 x 3 verify": [3] * 2, "4 x 1 decode": [1] * 4, "4 x 2 verify": [2] * 4, "8 x 1 decode": [1] * 8,
+          "8 x 2 verify": [2] * 8,
           "ragged verify, 12 tokens": [2, 1, 2, 1, 2, 1, 2, 1], "ragged verify, 13 tokens": [2, 1, 2, 2, 1, 2, 2, 1]}
 
 

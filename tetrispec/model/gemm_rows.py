@@ -1,71 +1,96 @@
-"""Short matmuls run at the row count the CPU BLAS is fastest at.
+"""Short matmuls run at the row count, and in the operand order, the CPU BLAS is fastest at.
 
 On MKL float32 (the dev VM: AVX-512, 2 cores), a matmul against a large weight costs more with
 7-15 rows than with 16: the default target's LM head (49152 x 576) takes 12 ms for 8 rows and
 20 ms for 15, but 9 ms for 16, and its gate/up projection shows the same dip; small weights and
 bfloat16 (AMX) do not. Decode and verify steps at 2-8 concurrent requests land exactly there, and
-a ragged verify of 13 tokens cost more than a uniform one of 16. Which counts are slow depends on
-the BLAS, the CPU and the weight's shape, so it is measured, once per weight shape and dtype when
-a model runner starts on CPU, not assumed. It is measured the way a forward uses the weights: one
-timing is a pass over every layer's weight of that shape, which streams them from memory. Timing
-one weight over and over (it stays in cache) gave plans that flipped from start to start (the
-gate/up projection at 13 rows: 30% slower than 16 in cache, 17% streamed) and left a ragged
-verify of 13 tokens at 115 ms where 16 took 95 (about 2 s at start for the default target).
+a ragged verify of 13 tokens cost more than a uniform one of 16. The order of the operands
+matters as much: x @ W^T with 1-4 rows runs as a matrix-vector product or a small-M gemm that
+streams the weights at about half the memory bandwidth that W @ x^T gets (one pass over the
+default target's weights: 1 row 35 ms either way, 2 rows 61 ms as x @ W^T and 19 ms as W @ x^T,
+4 rows 54 and 19 ms), so a single row is padded to two and run weight-major. Which counts and which
+order are fast depends on the BLAS, the CPU and the weight's shape, so it is measured, once per
+weight shape and dtype when a model runner starts on CPU, not assumed. It is measured the way a
+forward uses the weights: one timing is a pass over every layer's weight of that shape, which
+streams them from memory. Timing one weight over and over (it stays in cache) gave plans that
+flipped from start to start (the gate/up projection at 13 rows: 30% slower than 16 in cache, 17%
+streamed) and left a ragged verify of 13 tokens at 115 ms where 16 took 95.
 """
 
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 MAX_ROWS = 16  # row counts above this run as they are
-MIN_SAVING = 0.1  # pad only when the streamed pass is at least this much faster ...
+MIN_SAVING = 0.1  # pad or reorder only when the streamed pass is at least this much faster ...
 MIN_SECONDS = 5e-4  # ... and by at least this much per forward (smaller gaps between counts are timing noise)
 
 
-class Linear(nn.Linear):
-    """nn.Linear that runs a short batch padded to the row count its plan says is fastest."""
+class RowPlan(NamedTuple):
+    """How a Linear runs a short batch: rows[m] is the row count m rows are padded to and
+    weight_major[m] whether they run as (W @ x^T)^T (m < len(rows))."""
 
-    row_plan: tuple[int, ...] | None = None  # row_plan[m]: rows to run m rows at (m < len(row_plan))
+    rows: tuple[int, ...]
+    weight_major: tuple[bool, ...]
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, weight_major: bool) -> torch.Tensor:
+    return torch.mm(weight, x.t()).t().contiguous() if weight_major else F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs a short batch the way its plan says is fastest."""
+
+    row_plan: RowPlan | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.row_plan
-        if plan is not None and x.dim() == 2 and x.shape[0] < len(plan) and not torch.is_grad_enabled():
-            m, rows = x.shape[0], plan[x.shape[0]]
-            if rows != m:
-                padded = x.new_zeros(rows, x.shape[1])
-                padded[:m] = x
-                return F.linear(padded, self.weight, self.bias)[:m]
+        if plan is not None and x.dim() == 2 and x.shape[0] < len(plan.rows) and not torch.is_grad_enabled():
+            m, rows, weight_major = x.shape[0], plan.rows[x.shape[0]], plan.weight_major[x.shape[0]]
+            if rows != m or weight_major:
+                if rows != m:
+                    padded = x.new_zeros(rows, x.shape[1])
+                    padded[:m] = x
+                    x = padded
+                out = _matmul(x, self.weight, weight_major)[:m]
+                return out if self.bias is None else out + self.bias
         return F.linear(x, self.weight, self.bias)
 
 
-def measure_plan(weights: list[torch.Tensor], repeats: int = 2) -> tuple[int, ...]:
-    """plan[m] for m = 0..MAX_ROWS: the cheapest row count >= m, where it beats m by MIN_SAVING and
-    MIN_SECONDS. weights: every weight of one shape and dtype in the model, timed as a forward meets
-    them (one pass over all of them)."""
+def measure_plan(weights: list[torch.Tensor], repeats: int = 2) -> RowPlan:
+    """The plan for m = 0..MAX_ROWS rows: the cheapest row count >= m and operand order, where it
+    beats m rows as x @ W^T by MIN_SAVING and MIN_SECONDS. weights: every weight of one shape and
+    dtype in the model, timed as a forward meets them (one pass over all of them)."""
     x = torch.randn(MAX_ROWS, weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
-    times = [float("inf")] * (MAX_ROWS + 1)
+    ways = [(m, major) for m in range(1, MAX_ROWS + 1) for major in (False, True)]
+    times = {way: float("inf") for way in ways}
     with torch.inference_mode():
         start = time.perf_counter()
         for w in weights:  # warm-up, and how many passes make a timing of at least ~1 ms
             F.linear(x, w)
-        passes = min(max(int(1e-3 / (time.perf_counter() - start + 1e-9)), 1), 64)
-        for _ in range(repeats):  # interleaved: a slow moment hits every count alike
-            for m in range(1, MAX_ROWS + 1):
+            torch.mm(w, x.t())
+        passes = min(max(int(2e-3 / (time.perf_counter() - start + 1e-9)), 1), 64)
+        for _ in range(repeats):  # interleaved: a slow moment hits every way alike
+            for m, major in ways:
                 start = time.perf_counter()
                 for _ in range(passes):
                     for w in weights:
-                        F.linear(x[:m], w)
-                times[m] = min(times[m], time.perf_counter() - start)
-    plan = [0]
+                        _matmul(x[:m], w, major)
+                times[(m, major)] = min(times[(m, major)], time.perf_counter() - start)
+    rows, weight_major = [0], [False]
     for m in range(1, MAX_ROWS + 1):
-        best = min(range(m, MAX_ROWS + 1), key=times.__getitem__)
-        saved = times[m] - times[best]
-        plan.append(best if saved > MIN_SAVING * times[m] and saved / passes > MIN_SECONDS else m)
-    return tuple(plan)
+        best = min((way for way in ways if way[0] >= m), key=times.__getitem__)
+        saved = times[(m, False)] - times[best]
+        if not (saved > MIN_SAVING * times[(m, False)] and saved / passes > MIN_SECONDS):
+            best = (m, False)
+        rows.append(best[0])
+        weight_major.append(best[1])
+    return RowPlan(tuple(rows), tuple(weight_major))
 
 
 def _by_shape(model: nn.Module, keep) -> dict[tuple, list[Linear]]:
@@ -78,16 +103,16 @@ def _by_shape(model: nn.Module, keep) -> dict[tuple, list[Linear]]:
 
 
 def heaviest_plan(model: nn.Module) -> tuple[int, ...] | None:
-    """The plan of the weight shape that holds the most bytes in all (a decoder's MLP projection):
-    the row count a forward's matmul time mostly follows."""
+    """The row counts of the plan of the weight shape that holds the most bytes in all (a decoder's
+    MLP projection): the row count a forward's matmul time mostly follows."""
     groups = _by_shape(model, lambda m: m.row_plan is not None)
     if not groups:
         return None
     heaviest = max(groups.values(), key=lambda ms: sum(m.weight.numel() * m.weight.element_size() for m in ms))
-    return heaviest[0].row_plan
+    return heaviest[0].row_plan.rows
 
 
-def plan_row_padding(model: nn.Module) -> dict[tuple, tuple[int, ...]]:
+def plan_row_padding(model: nn.Module) -> dict[tuple, RowPlan]:
     """Give every Linear of a CPU model its plan, measuring each distinct weight shape and dtype once
     (a model shared by several runners keeps the plan it got first)."""
     groups = _by_shape(model, lambda m: m.weight.device.type == "cpu" and m.row_plan is None)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from tetrispec.model.model_runner import ForwardItem, ModelRunner
 
-FORMAT = 6  # bumped when the saved fields, or how they are measured, change: an older cached profile is rebuilt
+FORMAT = 7  # bumped when the saved fields, or how the timed forwards run, change: an older cached profile is rebuilt
 
 
 class StepRecord(NamedTuple):
