@@ -341,11 +341,27 @@ def test_step_prices_match_the_cost_model():
     model = CostModel(grid, PiecewiseLinear([1.0, 16.0], [0.003, 0.008], 1e-7))
     sel = AutoTetris(max_depth=3, cost=model)
     for B, s in [(1, 37.0), (5, 410.5), (16, 1200.0), (5, 90.0)]:
-        sel.clock(B).ratio.update(draft=1.2, verify=0.9)
+        sel.clock(B).ratio.update(plain=0.8, draft=1.2, verify=0.9)
         price = sel.prices(B, s)
         n = B + np.arange(3 * B + 1)
         assert price.verify == pytest.approx(0.9 * model.target_time(B, n, s))
         assert price.draft(B) == pytest.approx(1.2 * model.draft_time(B, s))
+
+
+def test_no_speculative_step_is_priced_below_a_plain_step():
+    model = cost(per_token=0.01, fixed=0.0, draft=0.001)
+    sel = AutoTetris(max_depth=2, cost=model)
+    sel.clock(32).ratio.update(plain=1.2, verify=1.1)  # verifies timed a little faster than plain steps
+    price = sel.prices(32, 100.0)
+    plain = 1.2 * model.target_time(32, 32, 100.0)
+    # the plain step's price, plus each extra token's at the verify ratio
+    extra = np.diff([model.target_time(32, 32 + c, 100.0) for c in range(65)])
+    assert price.verify == pytest.approx(plain + 1.1 * np.concatenate([[0.0], np.cumsum(extra)]))
+    # first drafts all in the lowest confidence bin: no draft pays for its verification, and a step
+    # that drafts and verifies nothing is no faster than a plain one, so auto decodes plainly
+    sel.estimator.firsts[0] = 1e6
+    sel.level_means = [0.0, 0.0]
+    assert sel.depth(BatchInfo(32, 100)) == 0
 
 
 def test_keep_going_stops_the_requests_whose_next_token_cannot_pay():

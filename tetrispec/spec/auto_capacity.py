@@ -374,7 +374,7 @@ class AutoTetris(Selector):
     def prices(self, batch_size: int, mean_len: float) -> StepPrices:
         """This step's StepPrices (the clock only moves between steps, so the key changes every step)."""
         r = self.clock(batch_size).ratio
-        key = (batch_size, mean_len, r["draft"], r["verify"], id(self.cost))
+        key = (batch_size, mean_len, r["plain"], r["draft"], r["verify"], id(self.cost))
         if self._prices is None or self._prices.key != key:
             if self._lines_cost is not self.cost:
                 self._verify_lines, self._lines_cost = {}, self.cost
@@ -387,7 +387,13 @@ class AutoTetris(Selector):
                 n = np.array([self._padded(batch_size + c) for c in range(batch_size * self.max_depth + 1)])
                 at_zero = self.cost.target_time(batch_size, n, 0.0)
                 line = self._verify_lines[batch_size] = (at_zero, self.cost.target_time(batch_size, n, 1.0) - at_zero)
-            verify = (r["verify"] * np.maximum(line[0] + mean_len * line[1], 1e-6)).tolist()
+            # A speculative step runs the plain step's forward and more, so it costs at least a plain step
+            # plus its extra tokens: with the verify ratio a little under the plain one (a few probes
+            # timed in a quiet spell), a step that drafts for one sequence and verifies nothing looked
+            # 1% cheaper than a plain step at batch 32, and auto ran such steps (a draft forward and a
+            # speculative step's bookkeeping, for nothing).
+            profiled = np.maximum(line[0] + mean_len * line[1], 1e-6)
+            verify = (r["verify"] * profiled + max(r["plain"] - r["verify"], 0.0) * profiled[0]).tolist()
             self._prices = StepPrices(key, self.cost, r["draft"], mean_len, verify)
         return self._prices
 
