@@ -8,6 +8,7 @@ import torch
 
 from tetrispec.spec.auto_capacity import (
     PROBE_BUDGET,
+    PROBE_ROWS,
     REEXPLORE_AFTER,
     REUSE_STEPS,
     AcceptanceEstimator,
@@ -291,16 +292,16 @@ def test_probes_wait_until_they_cost_little_next_to_plain_decoding():
         step = next(step for step in range(1000) if sel.depth(batch))
         return step, sel.draft_rows(batch)
 
-    assert first_probe((0,) * 8) == (4, [0, 1, 2, 3])
+    assert first_probe((0,) * 8) == (4, list(range(PROBE_ROWS)))
     # a probe drafts for the PROBE_ROWS sequences with the least to catch up on, and pays only theirs:
-    # 4 x 300 tokens (0.12 s) and two draft forwards wait for (their cost / 0.03) of plain steps
+    # PROBE_ROWS x 300 tokens and two draft forwards wait for (their cost / PROBE_BUDGET) of plain steps
     step, rows = first_probe((300, 900, 300, 300, 900, 900, 300, 900))
-    assert rows == [0, 2, 3, 6]
-    cost = model.catch_up_time(1200) + 2 * model.draft_time(4, 300)
+    assert rows == [0, 2, 3, 6][:PROBE_ROWS]
+    cost = model.catch_up_time(300 * PROBE_ROWS) + 2 * model.draft_time(PROBE_ROWS, 300)
     assert step == pytest.approx(cost / PROBE_BUDGET / plain, abs=1)
     # a batch no larger than a probe is drafted whole
     sel = AutoTetris(max_depth=2, cost=model, probe_every=1)
-    small = BatchInfo(3, 300, lags=(0, 0, 0))
+    small = BatchInfo(PROBE_ROWS, 300, lags=(0,) * PROBE_ROWS)
     assert any(sel.depth(small) for _ in range(100)) and sel.draft_rows(small) is None
 
 
