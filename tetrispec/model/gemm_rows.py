@@ -8,7 +8,7 @@ a ragged verify of 13 tokens cost more than a uniform one of 16. The order of th
 matters as much: x @ W^T with 1-4 rows runs as a matrix-vector product or a small-M gemm that
 streams the weights at about half the memory bandwidth that W @ x^T gets (one pass over the
 default target's weights: 1 row 35 ms either way, 2 rows 61 ms as x @ W^T and 19 ms as W @ x^T,
-4 rows 54 and 19 ms), so a single row is padded to two and run weight-major. Which counts and which
+4 rows 54 and 19 ms), so a single row is padded to a few and run weight-major. Which counts and which
 order are fast depends on the BLAS, the CPU and the weight's shape, so it is measured, once per
 weight shape and dtype when a model runner starts on CPU, not assumed. It is measured the way a
 forward uses the weights: one timing is a pass over every layer's weight of that shape, which
@@ -71,7 +71,7 @@ def measure_plan(weights: list[torch.Tensor], repeats: int = 2) -> RowPlan:
     times = {way: float("inf") for way in ways}
     with torch.inference_mode():
         start = time.perf_counter()
-        for w in weights:  # warm-up, and how many passes make a timing of at least ~1 ms
+        for w in weights:  # warm-up, and how many passes make a timing of at least ~2 ms
             F.linear(x, w)
             torch.mm(w, x.t())
         passes = min(max(int(2e-3 / (time.perf_counter() - start + 1e-9)), 1), 64)
