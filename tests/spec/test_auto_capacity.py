@@ -365,6 +365,22 @@ def test_no_speculative_step_is_priced_below_a_plain_step():
     assert sel.depth(BatchInfo(32, 100)) == 0
 
 
+def test_the_plain_price_under_a_speculative_step_is_the_plain_steps_own():
+    """With row padding (1 token run at 4), the plain step is priced at its own token count, as depth() and
+    observe_step price it: the padded count, between the profile's knots, is dearer and must not raise the
+    verify prices of a host whose verifies run relatively fast."""
+    grid = VerifyGrid([1.0, 2.0], [1.0, 2.0, 5.0], [[0.020, 0.021, 0.030], [0.022, 0.025, 0.040]], 0.0, 0.0)
+    model = CostModel(grid, PiecewiseLinear([1.0, 2.0], [0.002, 0.003], 0.0))
+    sel = AutoTetris(max_depth=3, cost=model)
+    sel.attach_cost_model(model, row_plan=(0, 4, 4, 4, 4))
+    sel.clock(1).ratio.update(plain=1.0, verify=0.9)
+    price = sel.prices(1, 0.0)
+    assert model.target_time(1, 4, 0.0) > model.target_time(1, 1, 0.0)  # 4 tokens interpolated toward 5
+    assert price.verify[0] == pytest.approx(0.9 * model.target_time(1, 4, 0.0))  # above the plain 0.020: as is
+    sel.clock(1).ratio.update(plain=1.4)  # plain steps relatively slower: the floor holds
+    assert sel.prices(1, 0.0).verify[0] == pytest.approx(1.4 * 0.020)
+
+
 def test_keep_going_stops_the_requests_whose_next_token_cannot_pay():
     """Per request: a hopeless draft stops while confident ones in the same batch go on (and a
     request that already stopped, log-confidence -inf, stays stopped)."""

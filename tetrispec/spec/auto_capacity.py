@@ -395,9 +395,12 @@ class AutoTetris(Selector):
             # plus its extra tokens: with the verify ratio a little under the plain one (a few probes
             # timed in a quiet spell), a step that drafts for one sequence and verifies nothing looked
             # 1% cheaper than a plain step at batch 32, and auto ran such steps (a draft forward and a
-            # speculative step's bookkeeping, for nothing).
-            profiled = np.maximum(line[0] + mean_len * line[1], 1e-6)
-            verify = (r["verify"] * profiled + max(r["plain"] - r["verify"], 0.0) * profiled[0]).tolist()
+            # speculative step's bookkeeping, for nothing). The plain step is priced as depth() and
+            # observe_step price it, at its own token count (its padded count, 4 tokens at batch 1,
+            # lies between the profile's knots and priced it 11% dearer).
+            verify = r["verify"] * np.maximum(line[0] + mean_len * line[1], 1e-6)
+            plain = r["plain"] * self.cost.target_time(batch_size, batch_size, mean_len)
+            verify = (verify + max(plain - verify[0], 0.0)).tolist()
             self._prices = StepPrices(key, self.cost, r["draft"], mean_len, verify)
         return self._prices
 
