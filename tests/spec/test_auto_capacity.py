@@ -7,15 +7,18 @@ import pytest
 import torch
 
 from tetrispec.spec.auto_capacity import (
+    EXPLORE_MARGIN,
     PROBE_BUDGET,
     PROBE_ROWS,
     REEXPLORE_AFTER,
+    REUSE_MAX,
     REUSE_STEPS,
     AcceptanceEstimator,
     AutoTetris,
     _best_capacity,
     best_capacity,
     reliability_table,
+    reuse_steps,
 )
 from tetrispec.spec.cost_model import CostModel, PiecewiseLinear, StepRecord, VerifyGrid, isotonic
 from tetrispec.spec.proposer import INLINE_CATCH_UP
@@ -158,7 +161,7 @@ def test_auto_tetris_persists_calibration_and_depth_means(tmp_path):
     sel = AutoTetris(max_depth=3, cost=cost(per_token=0.01))
     sel.persist_to(path)
     logprobs = torch.log(torch.full((50, 3), 0.3))
-    for _ in range(25):  # 1,250 outcomes (one per row: the first draft is rejected): written to disk
+    for _ in range(50):  # 2,500 outcomes (one per row: the first draft is rejected): learned, written to disk
         sel.select(logprobs, BatchInfo(50, 10))
         sel.observe(logprobs, [3] * 50, [0] * 50)
     assert path.exists()
@@ -512,15 +515,24 @@ def test_a_fresh_range_keeps_the_relative_costs_it_started_from():
     assert sel.clock(16).ratio == pytest.approx({"plain": 1.25, "draft": 2.5, "verify": 2.5}, rel=0.01)
 
 
+def test_a_verdict_stands_longer_the_clearer_it_is():
+    assert reuse_steps(0.03) == reuse_steps(EXPLORE_MARGIN) == REUSE_STEPS  # near a tie: re-priced soon
+    assert REUSE_STEPS < reuse_steps(2 * EXPLORE_MARGIN) < reuse_steps(3 * EXPLORE_MARGIN) < REUSE_MAX
+    assert reuse_steps(0.9) == REUSE_MAX
+
+
 def test_a_clear_plain_verdict_stands_for_a_few_steps():
     never = CostModel.linear(0.001, 0.01, draft_fixed=0.004)  # drafting never pays
     pays = cost(per_token=0.002, fixed=0.05, draft=0.001)  # drafting pays by far
     plain_t = never.target_time(8, 8, 100.0)
 
+    stands = []  # the steps each first verdict stood for
+
     def depths(batches: list[BatchInfo]) -> list[int]:
         """Priced with `never`, then with `pays`: the steps a verdict still stands for decode plainly."""
         sel = AutoTetris(max_depth=2, cost=never, probe_every=10**6)
         assert sel.depth(batches[0]) == 0
+        stands.append(sel.verdict.steps)
         sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
         sel.cost = pays
         out = []
@@ -529,8 +541,9 @@ def test_a_clear_plain_verdict_stands_for_a_few_steps():
             sel.observe_step(StepRecord(b.batch_size, b.batch_size, out[-1], 100.0, plain_t))
         return out
 
-    lagging = [BatchInfo(8, 100, lag_tokens=8 * i, remaining=40 - i) for i in range(12)]
-    assert depths(lagging) == [0] * (REUSE_STEPS - 1) + [2] * (12 - REUSE_STEPS)  # re-priced after 8 steps
+    lagging = [BatchInfo(8, 100, lag_tokens=8 * i, remaining=40 - i) for i in range(40)]
+    assert depths(lagging) == [0] * (stands[0] - 1) + [2] * (40 - stands[0])  # re-priced when it lapses
+    assert REUSE_STEPS <= stands[0] <= REUSE_MAX
     assert depths([BatchInfo(8, 100), BatchInfo(9, 100)]) == [2]  # another batch size: priced afresh
     # the draft's lag shrank (a request with nothing to catch up on replaced one): priced afresh
     assert depths([BatchInfo(8, 100, lag_tokens=800), BatchInfo(8, 100, lag_tokens=100)]) == [2]
@@ -541,6 +554,7 @@ def test_a_clear_plain_verdict_stands_for_a_few_steps():
 def test_a_clear_drafting_verdict_stands_while_nothing_is_left_to_catch_up_on():
     never = CostModel.linear(0.001, 0.01, draft_fixed=0.004)  # drafting never pays
     pays = cost(per_token=0.002, fixed=0.05, draft=0.001)  # drafting pays by far
+    stands = []  # the steps each first verdict stood for
 
     def depths(batches: list[BatchInfo]) -> list[int]:
         """Priced with `pays`, then with `never`: the steps a verdict still stands for draft."""
@@ -551,6 +565,7 @@ def test_a_clear_drafting_verdict_stands_while_nothing_is_left_to_catch_up_on():
 
         sel = AutoTetris(max_depth=2, cost=pays, probe_every=10**6)
         assert sel.depth(batches[0]) == 2
+        stands.append(sel.verdict.steps)
         observe(batches[0], 2)
         sel.cost = never
         out = []
@@ -560,7 +575,8 @@ def test_a_clear_drafting_verdict_stands_while_nothing_is_left_to_catch_up_on():
         return out
 
     caught_up = BatchInfo(8, 100, lags=(1,) * 8)
-    assert depths([caught_up] * 12) == [2] * (REUSE_STEPS - 1) + [0] * (12 - REUSE_STEPS)  # re-priced after 8
+    assert depths([caught_up] * 40) == [2] * (stands[0] - 1) + [0] * (40 - stands[0])  # re-priced when it lapses
+    assert REUSE_STEPS <= stands[0] <= REUSE_MAX
     assert depths([caught_up, BatchInfo(9, 100, lags=(1,) * 9)]) == [0]  # another batch size: priced afresh
     # a request entered, or one has more than the first draft forward absorbs to catch up on: priced afresh
     assert depths([caught_up, BatchInfo(8, 100, entering_tokens=50, lags=(1,) * 7 + (50,))]) == [0]

@@ -286,7 +286,17 @@ def _best_capacity(values, batch_size: int, fixed_time: float, verify: list[floa
 
 
 REUSE_MARGIN = 0.02  # a verdict this clear (one kind of step predicted this much faster) ...
-REUSE_STEPS = 8  # ... stands for this many more steps at the same batch size without being re-priced
+REUSE_STEPS = 8  # ... stands for this many more steps at the same batch size without being re-priced,
+REUSE_MAX = 32  # ... and one clearer than EXPLORE_MARGIN longer, in proportion, up to this many (reuse_steps)
+
+
+def reuse_steps(margin: float) -> int:
+    """Steps a verdict won by `margin` (the loser's rate is 1 - margin of the winner's) stands for. To
+    flip, the inputs must move by about the margin, and one step moves them little (a token more of
+    context, a clock ratio by a twentieth of the step's deviation at most); at batch 1-2, where drafting
+    wins by 15-30%, re-pricing every 8 steps was most of depth()'s host time. Near a tie (within
+    EXPLORE_MARGIN) the plain steps' timing is still to be checked, so such a verdict stays short."""
+    return min(REUSE_MAX, max(REUSE_STEPS, int(REUSE_STEPS * margin / EXPLORE_MARGIN)))
 
 
 @dataclass
@@ -305,7 +315,7 @@ class Verdict:
     remaining: float
     plain_time: float  # predicted time of one plain step (counted toward the next probe)
     probe_cost: float  # what the next probe is priced at (a due probe ends a plain verdict)
-    steps: int = REUSE_STEPS  # further steps it stands for (counted by observe_step)
+    steps: int = REUSE_STEPS  # further steps it stands for (counted by observe_step; see reuse_steps)
 
     def holds(self, batch: BatchInfo) -> bool:
         if self.steps <= 0 or batch.batch_size != self.batch_size:
@@ -320,7 +330,8 @@ class StepPrices:
     """One step's predicted times, corrected by its batch-size range's clock. Computed once a step
     and read by every keep_going decision and by select: right after a forward has streamed the
     weights through the caches, each numpy call costs several times what it does in a micro-benchmark,
-    and pricing the same curve three times a step cost auto about 1% of its time at batch 1."""
+    and pricing the same curve three times a step cost auto about 1% of its time at batch 1. The
+    per-step part (the clock's ratios and the mean context on a line kept per batch size) is plain Python."""
 
     key: tuple
     cost: CostModel
@@ -344,7 +355,8 @@ PROBE_BUDGET = 0.03  # probes may cost at most this fraction of the plain decodi
 # verify; 2, with the first probe after 64 plain steps, gained 0.7 and 1.2% there (same-process A/B, two seeds)
 # and was level at c = 4, 16 and 32.
 PROBE_ROWS = 2
-LEARN_EVERY = 8  # speculative steps whose outcomes are learned from in one go (observe)
+LEARN_EVERY = 32  # speculative steps whose outcomes are learned from in one go (observe) ...
+WARMUP_LEARN_EVERY = 4  # ... and while the estimator warms up (its first outcomes move it most)
 RATIO_DRIFT = 0.001  # per step past 16 in a row of one kind: the other kind's clock ratios toward it
 
 
@@ -370,7 +382,7 @@ class AutoTetris(Selector):
         self.rows: list[int] | None = None  # the sequences this step drafts for (None: all)
         self.probing = False  # this step is a probe: its rows are drafted to the full depth
         self._prices: StepPrices | None = None
-        self._verify_lines: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # per batch size (prices)
+        self._verify_lines: dict[int, tuple[list[float], list[float]]] = {}  # per batch size (prices)
         self._lines_cost: CostModel | None = None  # the cost model they came from
         self.queued: list[tuple] = []  # outcomes not yet learned from (observe)
         self.verdict: Verdict | None = None
@@ -390,7 +402,8 @@ class AutoTetris(Selector):
                 # capacity that lands in such a gap is seen to cost as much as filling it.
                 n = np.array([self._padded(batch_size + c) for c in range(batch_size * self.max_depth + 1)])
                 at_zero = self.cost.target_time(batch_size, n, 0.0)
-                line = self._verify_lines[batch_size] = (at_zero, self.cost.target_time(batch_size, n, 1.0) - at_zero)
+                slope = self.cost.target_time(batch_size, n, 1.0) - at_zero
+                line = self._verify_lines[batch_size] = (at_zero.tolist(), slope.tolist())
             # A speculative step runs the plain step's forward and more, so it costs at least a plain step
             # plus its extra tokens: with the verify ratio a little under the plain one (a few probes
             # timed in a quiet spell), a step that drafts for one sequence and verifies nothing looked
@@ -398,9 +411,11 @@ class AutoTetris(Selector):
             # speculative step's bookkeeping, for nothing). The plain step is priced as depth() and
             # observe_step price it, at its own token count (its padded count, 4 tokens at batch 1,
             # lies between the profile's knots and priced it 11% dearer).
-            verify = r["verify"] * np.maximum(line[0] + mean_len * line[1], 1e-6)
-            plain = r["plain"] * self.cost.target_time(batch_size, batch_size, mean_len)
-            verify = (verify + max(plain - verify[0], 0.0)).tolist()
+            rv = r["verify"]
+            verify = [rv * max(a + mean_len * b, 1e-6) for a, b in zip(*line)]  # plain Python, see _best_capacity
+            floor = r["plain"] * self.cost.target_time(batch_size, batch_size, mean_len) - verify[0]
+            if floor > 0:
+                verify = [v + floor for v in verify]
             self._prices = StepPrices(key, self.cost, r["draft"], mean_len, verify)
         return self._prices
 
@@ -490,7 +505,8 @@ class AutoTetris(Selector):
             self.probe_interval = self.probe_every
             self.rows = rows
             if rows is None and plain < (1 - REUSE_MARGIN) * drafting:
-                self.verdict = Verdict(B, self.max_depth, batch.lag_tokens, batch.remaining, plain_time, 0.0)
+                self.verdict = Verdict(B, self.max_depth, batch.lag_tokens, batch.remaining, plain_time, 0.0,
+                                       reuse_steps(1 - plain / drafting))
             return self.max_depth
         # A probe pays its sequences' catch-up: it waits until the plain steps since the last one
         # took 1 / PROBE_BUDGET times as long as it will.
@@ -506,7 +522,8 @@ class AutoTetris(Selector):
         self.steps_without_draft += 1
         self.plain_seconds += plain_time
         if drafting < (1 - REUSE_MARGIN) * plain:
-            self.verdict = Verdict(B, 0, batch.lag_tokens, batch.remaining, plain_time, probe_cost)
+            self.verdict = Verdict(B, 0, batch.lag_tokens, batch.remaining, plain_time, probe_cost,
+                                   reuse_steps(1 - drafting / plain))
         return 0
 
     def _drafting_rate(self, batch: BatchInfo, lags: list[float], price: StepPrices, draft_ratio: float
@@ -699,10 +716,11 @@ class AutoTetris(Selector):
             self.level_means[j] = min(m, self.level_means[j - 1])
 
     def observe(self, proposal_logprobs: torch.Tensor, lengths: list[int], accepted: list[int]) -> None:
-        """Outcomes are queued and learned from LEARN_EVERY steps at a time: the same numpy calls run
-        back to back on warm caches instead of once after every forward (see StepPrices)."""
+        """Outcomes are queued and learned from LEARN_EVERY steps at a time (WARMUP_LEARN_EVERY while the
+        estimator warms up): the same numpy calls run back to back on warm caches instead of once after
+        every forward (see StepPrices). Every 8 steps, learning was a fifth of auto's host time at batch 2."""
         self.queued.append((proposal_logprobs, lengths, accepted))
-        if len(self.queued) >= LEARN_EVERY:
+        if len(self.queued) >= (LEARN_EVERY if self.estimator.seen >= self.estimator.warmup else WARMUP_LEARN_EVERY):
             self.learn()
 
     def learn(self) -> None:

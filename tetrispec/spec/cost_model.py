@@ -108,15 +108,37 @@ class VerifyGrid:
     def __call__(self, batch_size: float, num_tokens, ctx: float):
         """num_tokens: a float, or an array (or CPU tensor) of token counts at this batch size."""
         b = float(batch_size)
-        if not isinstance(num_tokens, (int, float)):
-            num_tokens = np.asarray(num_tokens, dtype=np.float64)
-        i0, i1, w = _segment(self.batches, b)
-        row = [v0 + (v1 - v0) * w for v0, v1 in zip(self.values[i0], self.values[i1])]
-        knots = self.query_lens
-        if self.plus_one is not None:
-            knots, row = self._with_plus_one(b, i0, i1, w, row)
+        if isinstance(num_tokens, (int, float)):  # a line in ctx, kept per (b, num_tokens): see _line
+            at_zero, per_ctx = self._line(b, float(num_tokens))
+            return max(at_zero + per_ctx * ctx, 1e-6)
+        num_tokens = np.asarray(num_tokens, dtype=np.float64)
+        knots, row = self._curve(b)
         return _at_least_a_microsecond(_interp(knots, row, num_tokens / b) + self.slope_seq_ctx * b * ctx
                                        + self.slope_token_ctx * num_tokens * ctx)
+
+    def _line(self, b: float, n: float) -> tuple[float, float]:
+        """One forward's time at context 0 and per context token. Kept, like _curve, outside the
+        fields (not saved): auto's per-step bookkeeping prices the same few shapes every step, and
+        right after a forward each Python call costs many times what it does on warm caches."""
+        lines = self.__dict__.setdefault("_lines", {})
+        key = (b, n, self.plus_one is not None)
+        if key not in lines:
+            if len(lines) >= 4096:  # many shapes seen (a long run over many batch sizes): start afresh
+                lines.clear()
+            knots, row = self._curve(b)
+            lines[key] = (_interp(knots, row, n / b), self.slope_seq_ctx * b + self.slope_token_ctx * n)
+        return lines[key]
+
+    def _curve(self, b: float) -> tuple[list[float], list[float]]:
+        """The query-length knots and values at batch size b, kept per batch size (see _line)."""
+        curves = self.__dict__.setdefault("_curves", {})
+        key = (b, self.plus_one is not None)
+        if key not in curves:
+            i0, i1, w = _segment(self.batches, b)
+            row = [v0 + (v1 - v0) * w for v0, v1 in zip(self.values[i0], self.values[i1])]
+            curves[key] = (self._with_plus_one(b, i0, i1, w, row) if self.plus_one is not None
+                           else (self.query_lens, row))
+        return curves[key]
 
     def _with_plus_one(self, b: float, i0: int, i1: int, w: float, row: list[float]) -> tuple[list[float], list]:
         """The query-length knots and the row with a knot one token past each (q + 1 / B) inserted where
