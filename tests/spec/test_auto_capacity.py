@@ -452,9 +452,9 @@ def test_a_fresh_range_learns_its_step_times_in_a_few_steps():
     verify_t, draft_t = model.target_time(8, 16, 100.0), model.draft_time(8, 100.0)
     for _ in range(9):  # the machine runs speculative steps 20% faster than profiled
         sel.observe_step(StepRecord(8, 16, 1, 100.0, 0.8 * (verify_t + draft_t), 0.8 * draft_t))
-    # the prior counts as one measurement, then a mean: (1 + 9 * 0.8) / 10 (an EMA of 0.05 would be at 0.87)
-    assert sel.clock(8).ratio["verify"] == pytest.approx(0.82, abs=0.005)
-    assert sel.clock(8).ratio["plain"] == sel.clock(8).ratio["verify"]  # not timed yet: follows the measured
+    # the mean of the timings: the prior only stands until the first (an EMA of 0.05 would be at 0.87)
+    assert sel.clock(8).ratio["verify"] == pytest.approx(0.8, abs=0.005)
+    assert sel.clock(8).ratio["plain"] == pytest.approx(sel.clock(8).ratio["verify"])  # not timed: follows
 
 
 def _near_tie(plain_ratio: float, drafting_first: bool, steps: int = 30) -> list[int]:
@@ -509,10 +509,27 @@ def test_a_fresh_range_keeps_the_relative_costs_it_started_from():
     for _ in range(200):  # at batch 8 plain steps as profiled, speculative ones twice as slow
         sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_t))
         sel.observe_step(StepRecord(8, 16, 1, 100.0, 2 * (verify_t + draft_t), 2 * draft_t))
-    # batch 16, first step, a plain one at 1.5x the profile: the mean with the inherited 1.0 is 1.25, and
-    # drafting and verification (not timed here yet) move by the same factor, 2.0 -> 2.5
+    # batch 16, first step, a plain one at 1.5x the profile: it replaces the inherited 1.0, and drafting
+    # and verification (not timed here yet) move by the same factor, 2.0 -> 3.0
     sel.observe_step(StepRecord(16, 16, 0, 100.0, 1.5 * model.target_time(16, 16, 100.0)))
-    assert sel.clock(16).ratio == pytest.approx({"plain": 1.25, "draft": 2.5, "verify": 2.5}, rel=0.01)
+    assert sel.clock(16).ratio == pytest.approx({"plain": 1.5, "draft": 3.0, "verify": 3.0}, rel=0.01)
+
+
+def test_the_first_timing_of_a_kind_replaces_what_it_was_assumed_to_cost():
+    # Batch 8 after batch 4 on a host where plain steps at 8 run 50% over the profile but speculative
+    # steps as profiled (a sweep's c = 8 had plain decoding at 0.64 of its modelled speed and fixed k=1 at
+    # 0.88): verification, not timed at 8 yet, is assumed to have slowed as plain steps did, until a
+    # probe times one; from then on its own timing counts, not the assumption.
+    model = cost(per_token=0.002, fixed=0.05, draft=0.006)
+    sel = AutoTetris(max_depth=2, cost=model)
+    sel.observe_step(StepRecord(4, 4, 0, 100.0, model.target_time(4, 4, 100.0)))  # batch 4 ran as profiled
+    for _ in range(20):
+        sel.observe_step(StepRecord(8, 8, 0, 100.0, 1.5 * model.target_time(8, 8, 100.0)))
+    assert sel.clock(8).ratio["verify"] == pytest.approx(1.5)
+    verify_t, draft_t = model.target_time(8, 10, 100.0), model.draft_time(2, 100.0)
+    sel.observe_step(StepRecord(8, 10, 2, 100.0, verify_t + 2 * draft_t, 2 * draft_t, draft_rows=2.0))  # a probe
+    assert sel.clock(8).ratio["verify"] == pytest.approx(1.0) and sel.clock(8).ratio["draft"] == pytest.approx(1.0)
+    assert sel.clock(8).ratio["plain"] == pytest.approx(1.5)
 
 
 def test_a_verdict_stands_longer_the_clearer_it_is():

@@ -585,7 +585,10 @@ class AutoTetris(Selector):
         a kind of step has run in this batch-size range, its ratio moves as the measured one does:
         the relative costs it started from (the profile's, or the nearest range's) at the machine's
         current speed, not the profile's absolute ones (which made a fresh range's speculative
-        steps look cheap next to plain steps measured on a slower machine). A separate draft
+        steps look cheap next to plain steps measured on a slower machine). Its first timing here
+        replaces that assumption, and the ratio is then the mean of its timings (an EMA after 20): a
+        sweep's c = 8 ran plain steps at 1.56x the profile and fixed k=1's speculative steps at 1.13x, and
+        with the assumption counted as one timing, a probe's verify moved the ratio only halfway there. A separate draft
         catch-up (the draft reading a prompt, or the tokens of a pause in drafting) is left out
         here: depth() prices it from the profile's per-token cost. A verify is compared with the
         profile at the row count its matmuls ran at, as prices() charges it: compared with the bare
@@ -629,7 +632,7 @@ class AutoTetris(Selector):
         for kind, measured, predicted in parts:
             ratio = min(max(measured / predicted, 0.25), 8.0)  # one outlier (a GC pause) moves it little
             n = clock.counts.get(kind, 0)
-            weight = max(0.05, 1.0 / (n + 2))  # the prior (1.0, or the measured kind's ratio) counts as one
+            weight = max(0.05, 1.0 / (n + 1))  # the mean of the timings here; the prior only until the first
             r[kind] = (1 - weight) * r[kind] + weight * ratio
             clock.counts[kind] = n + 1
         for kind in r.keys() - clock.counts.keys():  # not timed here yet: moves as the timed kind did
