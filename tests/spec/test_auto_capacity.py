@@ -13,6 +13,7 @@ from tetrispec.spec.auto_capacity import (
     REEXPLORE_AFTER,
     REUSE_MAX,
     REUSE_STEPS,
+    SETTLED,
     AcceptanceEstimator,
     AutoTetris,
     _best_capacity,
@@ -533,9 +534,10 @@ def test_the_first_timing_of_a_kind_replaces_what_it_was_assumed_to_cost():
 
 
 def test_a_verdict_stands_longer_the_clearer_it_is():
-    assert reuse_steps(0.03) == reuse_steps(EXPLORE_MARGIN) == REUSE_STEPS  # near a tie: re-priced soon
-    assert REUSE_STEPS < reuse_steps(2 * EXPLORE_MARGIN) < reuse_steps(3 * EXPLORE_MARGIN) < REUSE_MAX
-    assert reuse_steps(0.9) == REUSE_MAX
+    assert reuse_steps(0.03, 100) == reuse_steps(EXPLORE_MARGIN, 100) == REUSE_STEPS  # near a tie: re-priced soon
+    assert REUSE_STEPS < reuse_steps(2 * EXPLORE_MARGIN, 100) < reuse_steps(3 * EXPLORE_MARGIN, 100) < REUSE_MAX
+    assert reuse_steps(0.9, 100) == REUSE_MAX
+    assert reuse_steps(0.9, SETTLED - 1) == REUSE_STEPS  # its kind's clock ratio not settled yet: short
 
 
 def test_a_clear_plain_verdict_stands_for_a_few_steps():

@@ -290,12 +290,16 @@ REUSE_STEPS = 8  # ... stands for this many more steps at the same batch size wi
 REUSE_MAX = 32  # ... and one clearer than EXPLORE_MARGIN longer, in proportion, up to this many (reuse_steps)
 
 
-def reuse_steps(margin: float) -> int:
-    """Steps a verdict won by `margin` (the loser's rate is 1 - margin of the winner's) stands for. To
-    flip, the inputs must move by about the margin, and one step moves them little (a token more of
-    context, a clock ratio by a twentieth of the step's deviation at most); at batch 1-2, where drafting
-    wins by 15-30%, re-pricing every 8 steps was most of depth()'s host time. Near a tie (within
-    EXPLORE_MARGIN) the plain steps' timing is still to be checked, so such a verdict stays short."""
+def reuse_steps(margin: float, timings: int) -> int:
+    """Steps a verdict won by `margin` (the loser's rate is 1 - margin of the winner's) stands for, the
+    kind of step it runs timed `timings` times in its batch-size range. To flip, the inputs must move by
+    about the margin, and once the clock has settled (SETTLED timings) one step moves them little (a
+    token more of context, a clock ratio by a twentieth of the step's deviation); at batch 1-2, where
+    drafting wins by 15-30%, re-pricing every 8 steps was most of depth()'s host time. Near a tie
+    (within EXPLORE_MARGIN) the plain steps' timing is still to be checked, and before the clock settles
+    each timing moves its ratio by up to the whole deviation, so such verdicts stay short."""
+    if timings < SETTLED:
+        return REUSE_STEPS
     return min(REUSE_MAX, max(REUSE_STEPS, int(REUSE_STEPS * margin / EXPLORE_MARGIN)))
 
 
@@ -358,6 +362,7 @@ PROBE_ROWS = 2
 LEARN_EVERY = 32  # speculative steps whose outcomes are learned from in one go (observe) ...
 WARMUP_LEARN_EVERY = 4  # ... and while the estimator warms up (its first outcomes move it most)
 RATIO_DRIFT = 0.001  # per step past 16 in a row of one kind: the other kind's clock ratios toward it
+SETTLED = 20  # a clock ratio is the mean of its first this many timings, then an EMA of weight 1 / SETTLED
 
 
 class AutoTetris(Selector):
@@ -506,7 +511,7 @@ class AutoTetris(Selector):
             self.rows = rows
             if rows is None and plain < (1 - REUSE_MARGIN) * drafting:
                 self.verdict = Verdict(B, self.max_depth, batch.lag_tokens, batch.remaining, plain_time, 0.0,
-                                       reuse_steps(1 - plain / drafting))
+                                       reuse_steps(1 - plain / drafting, clock.counts.get("verify", 0)))
             return self.max_depth
         # A probe pays its sequences' catch-up: it waits until the plain steps since the last one
         # took 1 / PROBE_BUDGET times as long as it will.
@@ -523,7 +528,7 @@ class AutoTetris(Selector):
         self.plain_seconds += plain_time
         if drafting < (1 - REUSE_MARGIN) * plain:
             self.verdict = Verdict(B, 0, batch.lag_tokens, batch.remaining, plain_time, probe_cost,
-                                   reuse_steps(1 - drafting / plain))
+                                   reuse_steps(1 - drafting / plain, clock.counts.get("plain", 0)))
         return 0
 
     def _drafting_rate(self, batch: BatchInfo, lags: list[float], price: StepPrices, draft_ratio: float
@@ -632,7 +637,7 @@ class AutoTetris(Selector):
         for kind, measured, predicted in parts:
             ratio = min(max(measured / predicted, 0.25), 8.0)  # one outlier (a GC pause) moves it little
             n = clock.counts.get(kind, 0)
-            weight = max(0.05, 1.0 / (n + 1))  # the mean of the timings here; the prior only until the first
+            weight = max(1 / SETTLED, 1.0 / (n + 1))  # the mean of the timings here; the prior only until the first
             r[kind] = (1 - weight) * r[kind] + weight * ratio
             clock.counts[kind] = n + 1
         for kind in r.keys() - clock.counts.keys():  # not timed here yet: moves as the timed kind did
