@@ -341,6 +341,7 @@ class StepPrices:
     cost: CostModel
     draft_ratio: float
     mean_len: float
+    plain: float  # one plain step (depth() compares drafting with it; the floor under every verify price)
     verify: list[float]  # [B * max_depth + 1]: the target forward verifying B + c tokens, c = 0, 1, ... (a list:
     # the per-step decisions read it in plain Python, see _best_capacity)
 
@@ -418,10 +419,11 @@ class AutoTetris(Selector):
             # lies between the profile's knots and priced it 11% dearer).
             rv = r["verify"]
             verify = [rv * max(a + mean_len * b, 1e-6) for a, b in zip(*line)]  # plain Python, see _best_capacity
-            floor = r["plain"] * self.cost.target_time(batch_size, batch_size, mean_len) - verify[0]
+            plain = r["plain"] * self.cost.target_time(batch_size, batch_size, mean_len)
+            floor = plain - verify[0]
             if floor > 0:
                 verify = [v + floor for v in verify]
-            self._prices = StepPrices(key, self.cost, r["draft"], mean_len, verify)
+            self._prices = StepPrices(key, self.cost, r["draft"], mean_len, plain, verify)
         return self._prices
 
     def _padded(self, tokens: int) -> float:
@@ -490,11 +492,12 @@ class AutoTetris(Selector):
                 return 0
         self.verdict = None
         r = clock.ratio
-        plain_time = r["plain"] * self.cost.target_time(B, B, s)
+        price = self.prices(B, s)
+        plain_time = price.plain
         plain = B / plain_time
         lags = (list(batch.lags) if batch.lags  # unknown: spread evenly
                 else [(batch.lag_tokens + batch.entering_tokens) / B] * B)
-        drafting, rows = self._drafting_rate(batch, lags, self.prices(B, s), r["draft"])
+        drafting, rows = self._drafting_rate(batch, lags, price, r["draft"])
         # Whether plain or speculative steps run faster relative to the profile depends on the host's
         # load (which kind it slows more varies: see observe_step), so near a tie plain steps are timed
         # on this machine, in this range, before they are ruled out, and re-timed now and then while

@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -118,10 +118,11 @@ class VerifyGrid:
 
     def _line(self, b: float, n: float) -> tuple[float, float]:
         """One forward's time at context 0 and per context token. Kept, like _curve, outside the
-        fields (not saved): auto's per-step bookkeeping prices the same few shapes every step, and
-        right after a forward each Python call costs many times what it does on warm caches."""
+        fields (not saved; a grid's fields are not changed after it is made): auto's per-step
+        bookkeeping prices the same few shapes every step, and right after a forward each Python
+        call costs many times what it does on warm caches."""
         lines = self.__dict__.setdefault("_lines", {})
-        key = (b, n, self.plus_one is not None)
+        key = (b, n)
         if key not in lines:
             if len(lines) >= 4096:  # many shapes seen (a long run over many batch sizes): start afresh
                 lines.clear()
@@ -132,13 +133,12 @@ class VerifyGrid:
     def _curve(self, b: float) -> tuple[list[float], list[float]]:
         """The query-length knots and values at batch size b, kept per batch size (see _line)."""
         curves = self.__dict__.setdefault("_curves", {})
-        key = (b, self.plus_one is not None)
-        if key not in curves:
+        if b not in curves:
             i0, i1, w = _segment(self.batches, b)
             row = [v0 + (v1 - v0) * w for v0, v1 in zip(self.values[i0], self.values[i1])]
-            curves[key] = (self._with_plus_one(b, i0, i1, w, row) if self.plus_one is not None
-                           else (self.query_lens, row))
-        return curves[key]
+            curves[b] = (self._with_plus_one(b, i0, i1, w, row) if self.plus_one is not None
+                         else (self.query_lens, row))
+        return curves[b]
 
     def _with_plus_one(self, b: float, i0: int, i1: int, w: float, row: list[float]) -> tuple[list[float], list]:
         """The query-length knots and the row with a knot one token past each (q + 1 / B) inserted where
@@ -359,7 +359,7 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
             t = _time_forward(target, int(b), ctx, int(q), repeats + 2, extra=1)
             tokens = b * q + 1
             plus_one[i].append(t - verify.slope_seq_ctx * b * ctx - verify.slope_token_ctx * tokens * ctx)
-    verify.plus_one = plus_one
+    verify = replace(verify, plus_one=plus_one)  # a new grid: what a grid keeps (_line) holds for its fields as made
     if draft is None:
         return CostModel(verify, PiecewiseLinear([1.0], [0.0], 0.0))
     # a catch-up forward as the proposer runs it: long queries, no logits
