@@ -167,9 +167,9 @@ def _gguf_to_hf_name(name: str) -> str:
 def _dequantize(t) -> torch.Tensor:
     """Any GGML type -> float32, in the HF shape (GGUF lists dimensions innermost first)."""
     a = gguf.quants.dequantize(t.data, t.tensor_type)
-    if a.dtype != np.float32 or not a.flags.writeable:  # F32 comes back as a read-only memmap
-        a = a.astype(np.float32)
-    return torch.from_numpy(a.reshape([int(d) for d in reversed(t.shape)]))
+    # Copied into torch's own memory (from numpy's, or F32's read-only memmap): torch puts large
+    # allocations on huge pages (see tetrispec/__init__.py), numpy does not.
+    return torch.tensor(a.reshape([int(d) for d in reversed(t.shape)]), dtype=torch.float32)
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
