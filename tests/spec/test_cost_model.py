@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from tetrispec.spec import cost_model
 from tetrispec.spec.cost_model import (
     CostModel,
     PiecewiseLinear,
@@ -148,3 +151,30 @@ def test_timed_forwards_each_follow_the_untimed_setup():
 
     _time_forward(Runner(), 3, 40, 2, repeats=4, before=lambda: calls.append("before"))
     assert calls == [("forward", 3, 2, 40)] + ["before", ("forward", 3, 2, 40)] * 4  # the first is an untimed warm-up
+
+
+def test_a_slow_spell_during_one_pass_over_the_grid_does_not_bend_the_profile(monkeypatch):
+    """Each shape keeps the median of its passes: the second of three passes runs 1.5x slow at
+    batch 4 and up (the host busy for a while), and the profile still prices those batches right.
+    Profiled in a single pass that is slow there, it would not (the contrast shows the spell matters)."""
+    target, draft = (SimpleNamespace(block_size=16, forward=lambda items, logits_for: None) for _ in range(2))
+    passes, spell = [], {}
+
+    def timed(runner, batch, ctx, q_len, repeats, logits_for="all", before=None, extra=0):
+        if runner is target and (batch, ctx, q_len, extra) == (1, 64, 1, 0):  # the first shape of each pass
+            passes.append(1)
+        slow = 1.5 if len(passes) == spell["pass"] and batch >= 4 else 1.0
+        if runner is draft:
+            return slow * (0.002 + 0.0005 * batch) * (q_len if q_len > 1 else 1)
+        return slow * truth(batch, q_len + extra / batch, ctx)
+
+    monkeypatch.setattr(cost_model, "_time_forward", timed)
+    for rounds, slow_pass, close in ((3, 2, True), (1, 1, False)):
+        passes.clear()
+        spell["pass"] = slow_pass
+        cost = cost_model.profile(target, draft, max_batch=8, max_k=4, num_slots=100_000, rounds=rounds,
+                                  progress=False)
+        assert len(passes) == rounds
+        errors = [abs(cost.target_time(b, b * q, ctx) / truth(b, q, ctx) - 1)
+                  for b in (4, 8) for q in (1, 2, 3, 5) for ctx in (64, 256, 768)]
+        assert (max(errors) < 0.02) == close, (rounds, max(errors))

@@ -319,9 +319,15 @@ CATCH_UP_PROBE = 256  # tokens per sequence of the timed draft catch-up
 
 
 def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_k: int,
-            num_slots: int, repeats: int = 3, progress: bool = True) -> CostModel:
+            num_slots: int, repeats: int = 3, rounds: int = 3, progress: bool = True) -> CostModel:
     """Time the target over batch sizes x query lengths x contexts, and the draft over batch sizes x
     contexts, on a grid that fits in `num_slots` cache slots.
+
+    Every shape is timed in each of `rounds` passes over the whole grid (`repeats` forwards a pass),
+    and the median of its passes is kept: a host whose speed drifts while it profiles bends the
+    curves at whichever shapes ran during a slow spell. With one pass, two profiles of the default
+    pair minutes apart differed by up to 12% at single shapes (batch 32 decode 101 and 113 ms), which
+    moved auto's plain-or-verify choice at those batch sizes.
 
     Must run while the caches hold no live sequence (at engine start-up).
     """
@@ -331,42 +337,58 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
     grid = [(b, c, k) for b in batches for c in ctxs for k in ks if b * (c + k + 1 + 16) <= num_slots]
     if not grid:
         raise ValueError("KV cache too small to profile the step-time model")
-    t_b, t_q, t_c, t_y, d_x, d_c, d_y = [], [], [], [], [], [], []
-    bar = tqdm(grid, desc="profiling step times", disable=not progress)
-    for b, c, k in bar:
-        t_b.append(b)
-        t_q.append(k + 1)
-        t_c.append(c)
-        t_y.append(_time_forward(target, b, c, k + 1, repeats))
-        if draft is not None and k == 0:
+    # B * q + 1 tokens at each knot but the last query length (one sequence verifying one more), at the
+    # middle context. Where that is a grid knot already (batch 1), or the cache cannot hold it, the knot
+    # keeps the grid's own line there instead of a timing.
+    ctx = ctxs[1]
+    plus_shapes = [(b, k + 1) for b in batches for k in ks[:-1]
+                   if (k + 1) + 1.0 / b < ks[ks.index(k) + 1] + 1 and b * (ctx + k + 3 + 16) <= num_slots]
+    drafts = [(b, c) for b, c, k in grid if k == 0] if draft is not None else []
+    target_t: dict[tuple, list[float]] = {shape: [] for shape in grid}
+    draft_t: dict[tuple, list[float]] = {shape: [] for shape in drafts}
+    plus_t: dict[tuple, list[float]] = {shape: [] for shape in plus_shapes}
+    bar = tqdm(total=rounds * (len(grid) + len(drafts) + len(plus_shapes)), desc="profiling step times",
+               disable=not progress)
+    for _ in range(rounds):
+        for b, c, k in grid:
+            target_t[b, c, k].append(_time_forward(target, b, c, k + 1, repeats))
+            bar.update()
+        for b, c in drafts:
             # In a step the draft runs right after the target's forward, which has pushed the draft's
             # weights and cache out of the CPU caches (3.2 ms against 1.9 ms warm at batch 1 on the dev VM): time it so.
             target_items = _items(target, b, c, 1)
-            d_x.append(b)
-            d_c.append(c)
-            d_y.append(_time_forward(draft, b, c, 1, repeats, before=partial(target.forward, target_items, "last")))
-    verify = fit_grid(t_b, t_q, t_c, t_y)
-    # B * q + 1 tokens at each knot but the last query length (one sequence verifying one more), at the
-    # middle context, taken to context 0 with the fitted slopes. Where that is a grid knot already (batch 1),
-    # or the cache cannot hold it, the knot keeps the grid's own line there instead of a timing.
-    ctx, plus_one = ctxs[1], []
+            draft_t[b, c].append(_time_forward(draft, b, c, 1, repeats,
+                                               before=partial(target.forward, target_items, "last")))
+            bar.update()
+        for b, q in plus_shapes:
+            plus_t[b, q].append(_time_forward(target, b, ctx, q, repeats + 2, extra=1))
+            bar.update()
+    bar.close()
+    verify = fit_grid([b for b, _, _ in grid], [k + 1 for _, _, k in grid], [c for _, c, _ in grid],
+                      [_median(target_t[shape]) for shape in grid])
+    plus_one = []
     for i, b in enumerate(verify.batches):
         plus_one.append([])
-        for j, q in enumerate(verify.query_lens[:-1]):
-            if q + 1.0 / b >= verify.query_lens[j + 1] or b * (ctx + q + 2 + 16) > num_slots:
+        for q in verify.query_lens[:-1]:
+            times = plus_t.get((int(b), int(q)))
+            if not times:
                 plus_one[i].append(float(_interp(verify.query_lens, verify.values[i], q + 1.0 / b)))
                 continue
-            t = _time_forward(target, int(b), ctx, int(q), repeats + 2, extra=1)
             tokens = b * q + 1
-            plus_one[i].append(t - verify.slope_seq_ctx * b * ctx - verify.slope_token_ctx * tokens * ctx)
+            plus_one[i].append(_median(times) - verify.slope_seq_ctx * b * ctx - verify.slope_token_ctx * tokens * ctx)
     verify = replace(verify, plus_one=plus_one)  # a new grid: what a grid keeps (_line) holds for its fields as made
     if draft is None:
         return CostModel(verify, PiecewiseLinear([1.0], [0.0], 0.0))
     # a catch-up forward as the proposer runs it: long queries, no logits
     prefill = 0.0
     if 2 * (CATCH_UP_PROBE + 16) <= num_slots:
-        prefill = _time_forward(draft, 2, 0, CATCH_UP_PROBE, repeats, logits_for="none") / (2 * CATCH_UP_PROBE)
-    return CostModel(verify, fit_piecewise(d_x, d_c, d_y), prefill)
+        prefill = _time_forward(draft, 2, 0, CATCH_UP_PROBE, rounds * repeats, logits_for="none") / (2 * CATCH_UP_PROBE)
+    return CostModel(verify, fit_piecewise([b for b, _ in drafts], [c for _, c in drafts],
+                                           [_median(draft_t[shape]) for shape in drafts]), prefill)
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def load_or_profile(path: Path, target: ModelRunner, draft: ModelRunner | None, max_batch: int,
