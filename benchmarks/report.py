@@ -64,6 +64,37 @@ def concurrency(folder: str = "concurrency_cpu") -> None:
               f"on {cal['scored']} outcomes")
 
 
+def gaps(folders: str, key: str = "decode_tokens_per_s") -> None:
+    """Each method against the best of the others, per concurrency, over several sweeps (folders
+    joined by commas): mean, lowest and highest gap in percent, and in how many sweeps it was at
+    least the best. A sweep's cell is noisy at the 1% level (engines doing identical steps differ by
+    that much), so one sweep cannot separate methods closer than that; several can."""
+    runs = [json.loads((R / f / "results.json").read_text()) for f in folders.split(",")]
+    methods = list(dict.fromkeys(r["method"] for r in runs[0]))
+    cs = sorted({r["concurrency"] for r in runs[0]})
+    print(f"{len(runs)} sweeps ({folders}); {key}: gap to the best other method, mean [lowest, highest] %, "
+          "sweeps at least level\n")
+    print("| method | " + " | ".join(f"c={c}" for c in cs) + " | worst cell, mean over sweeps |\n|---|"
+          + "---:|" * (len(cs) + 1))
+    for m in methods:
+        cells, worst = [], []
+        per_run = []
+        for rows in runs:
+            gap = {}
+            for c in cs:
+                at = {r["method"]: r[key] for r in rows if r["concurrency"] == c}
+                if m in at and len(at) > 1:
+                    gap[c] = 100 * (at[m] / max(v for n, v in at.items() if n != m) - 1)
+            per_run.append(gap)
+            if gap:
+                worst.append(min(gap.values()))
+        for c in cs:
+            g = [run[c] for run in per_run if c in run]
+            level = sum(x >= 0 for x in g)
+            cells.append("–" if not g else f"{sum(g) / len(g):+.1f} [{min(g):+.1f}, {max(g):+.1f}] {level}/{len(g)}")
+        print(f"| {m} | " + " | ".join(cells) + f" | {sum(worst) / max(len(worst), 1):+.1f} |")
+
+
 def grid_table(rows: list[dict], key: str) -> None:
     """Methods x concurrencies, the best of each column in bold."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -96,7 +127,8 @@ def sweep() -> None:
 
 
 if __name__ == "__main__":
-    # `report.py concurrency:concurrency_cuda_h200` reads another results folder
+    # `report.py concurrency:concurrency_cuda_h200` reads another results folder;
+    # `report.py gaps:concurrency_cpu_run_u,concurrency_cpu_run_v` pools sweeps
     for name in sys.argv[1:] or ["throughput", "spec_methods", "concurrency", "sweep"]:
         print(f"\n### {name}\n")
         table, _, folder = name.partition(":")
