@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tetrispec.model.gemm_rows import MAX_ROWS, Linear, RowPlan, heaviest_plan, measure_plan, plan_row_padding
+from tetrispec.model.gemm_rows import (
+    MAX_ROWS,
+    Linear,
+    RowPlan,
+    adopt_plans,
+    heaviest_plan,
+    measure_plan,
+    plan_row_padding,
+    saved_plans,
+)
 
 
 @pytest.mark.parametrize("weight_major", [False, True])
@@ -52,3 +61,15 @@ def test_plans_pad_only_upward_and_are_shared_per_shape():
 
 def test_an_unplanned_model_has_no_heaviest_plan():
     assert heaviest_plan(torch.nn.Sequential(Linear(4, 4))) is None
+
+
+def test_saved_plans_are_adopted_by_a_model_of_the_same_shapes():
+    source = torch.nn.Sequential(Linear(32, 64), Linear(64, 32))
+    plan_row_padding(source)
+    source[0].row_plan = RowPlan(tuple([0] + [16] * MAX_ROWS), tuple([False] + [True] * MAX_ROWS))
+    saved = saved_plans(source)
+    assert set(saved) == {"64x32:float32", "32x64:float32"}
+    other = torch.nn.Sequential(Linear(32, 64), Linear(64, 32), Linear(8, 8))
+    adopt_plans(other, saved)
+    assert other[0].row_plan == source[0].row_plan and other[1].row_plan == source[1].row_plan
+    assert other[2].row_plan is None  # a shape the saved plans do not name keeps what it had

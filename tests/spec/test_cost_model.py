@@ -157,7 +157,8 @@ def test_a_slow_spell_during_one_pass_over_the_grid_does_not_bend_the_profile(mo
     """Each shape keeps the median of its passes: the second of three passes runs 1.5x slow at
     batch 4 and up (the host busy for a while), and the profile still prices those batches right.
     Profiled in a single pass that is slow there, it would not (the contrast shows the spell matters)."""
-    target, draft = (SimpleNamespace(block_size=16, forward=lambda items, logits_for: None) for _ in range(2))
+    target, draft = (SimpleNamespace(block_size=16, forward=lambda items, logits_for: None, model=torch.nn.Module())
+                     for _ in range(2))
     passes, spell = [], {}
 
     def timed(runner, batch, ctx, q_len, repeats, logits_for="all", before=None, extra=0):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import time
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from conftest import mixed_prompts
 
 from tetrispec import LLM, SamplingParams
+from tetrispec.model.gemm_rows import MAX_ROWS, saved_plans
 from tetrispec.spec.proposer import INLINE_CATCH_UP
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -232,3 +234,22 @@ def test_keep_going_decisions_are_timed_apart_from_the_draft_forwards(tiny_pair,
     llm.generate(mixed_prompts(4), params)
     spec = [r for r in llm.engine.step_trace if r.depth == 3]  # two decisions each (after levels 1 and 2)
     assert spec and all(r.seconds >= 2 * pause and r.draft_seconds < pause for r in spec)
+
+
+def test_an_engine_runs_under_the_row_plans_its_profile_was_timed_with(tiny_pair, tmp_path):
+    """The profile keeps the plans measured when it was made; a later start measures its own (which can
+    differ where two ways are close) and adopts the profile's, so what was timed is what runs."""
+    path = tmp_path / "profile.json"
+    kw = dict(speculative_model=tiny_pair[1], spec_method="tetris", tetris_capacity="auto", max_num_seqs=4,
+              profile_path=str(path))
+    first = LLM(tiny_pair[0], **kw).engine
+    saved = json.loads(path.read_text())
+    assert saved["row_plans"]["target"] == saved_plans(first.target.model)
+    assert saved["row_plans"]["draft"] == saved_plans(first.draft.model)
+    padded = [[0] + [MAX_ROWS] * MAX_ROWS, [False] + [True] * MAX_ROWS]  # every short batch to 16 rows
+    saved["row_plans"]["target"] = {shape: padded for shape in saved["row_plans"]["target"]}
+    path.write_text(json.dumps(saved))
+    second = LLM(tiny_pair[0], **kw).engine
+    assert saved_plans(second.target.model) == saved["row_plans"]["target"]
+    assert second.target.row_plan == tuple(padded[0]) and second.selector.row_plan == tuple(padded[0])
+    assert saved_plans(second.draft.model) == saved["row_plans"]["draft"]

@@ -19,6 +19,7 @@ from tetrispec.engine.sampler import draw_uniforms, logits_to_probs, sample
 from tetrispec.engine.scheduler import Scheduler
 from tetrispec.engine.sequence import Sequence, SequenceStatus
 from tetrispec.model.chat_templates import resolve_chat_template
+from tetrispec.model.gemm_rows import adopt_plans, heaviest_plan
 from tetrispec.model.loader import load_model
 from tetrispec.model.model_runner import ForwardItem, ModelRunner
 from tetrispec.model.tokenizer import IncrementalDetokenizer
@@ -143,10 +144,14 @@ class LLMEngine:
         self.selector = make_selector(spec, has_draft=self.draft is not None)
         if isinstance(self.selector, (DSD, AutoTetris)):
             profile = self.profile_path()
-            self.selector.attach_cost_model(
-                load_or_profile(profile, self.target, self.draft, self.config.max_num_seqs, self.selector.max_depth,
-                                self.block_manager.num_blocks * self.config.block_size),
-                self.target.row_plan)
+            cost = load_or_profile(profile, self.target, self.draft, self.config.max_num_seqs, self.selector.max_depth,
+                                   self.block_manager.num_blocks * self.config.block_size)
+            # run under the row plans the profile was timed with (a start can measure others: gemm_rows.adopt_plans)
+            for runner, name in ((self.target, "target"), (self.draft, "draft")):
+                if runner is not None and cost.row_plans and name in cost.row_plans:
+                    adopt_plans(runner.model, cost.row_plans[name])
+            self.target.row_plan = heaviest_plan(self.target.model)
+            self.selector.attach_cost_model(cost, self.target.row_plan)
             if isinstance(self.selector, AutoTetris):
                 self.selector.persist_to(profile.with_suffix(".calibration.json"))
 

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tetrispec.model.gemm_rows import saved_plans
 from tetrispec.model.model_runner import ForwardItem, ModelRunner
 
-FORMAT = 7  # bumped when the saved fields, or how the timed forwards run, change: an older cached profile is rebuilt
+FORMAT = 8  # bumped when the saved fields, or how the timed forwards run, change: an older cached profile is rebuilt
 
 
 class StepRecord(NamedTuple):
@@ -162,6 +163,9 @@ class CostModel:
     # seconds per token of a draft catch-up forward (the draft reading a prompt, or the tokens of a
     # pause in drafting): every speculation method pays it once per token the draft has not seen
     draft_prefill: float = 0.0
+    # the CPU row plans the forwards were timed under, {"target": ..., "draft": ...} (gemm_rows.saved_plans);
+    # an engine that loads the profile runs its matmuls under them (LLMEngine.set_speculation)
+    row_plans: dict | None = None
 
     @classmethod
     def linear(cls, fixed: float, per_token: float, per_token_ctx: float = 0.0, draft_fixed: float = 0.0,
@@ -209,7 +213,7 @@ class CostModel:
         d = json.loads(Path(path).read_text())
         if d.get("format") != FORMAT:
             return None
-        return cls(VerifyGrid(**d["target"]), PiecewiseLinear(**d["draft"]), d["draft_prefill"])
+        return cls(VerifyGrid(**d["target"]), PiecewiseLinear(**d["draft"]), d["draft_prefill"], d["row_plans"])
 
 
 def _items(runner: ModelRunner, batch: int, ctx: int, q_len: int, extra: int = 0) -> list[ForwardItem]:
@@ -377,14 +381,16 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
             tokens = b * q + 1
             plus_one[i].append(_median(times) - verify.slope_seq_ctx * b * ctx - verify.slope_token_ctx * tokens * ctx)
     verify = replace(verify, plus_one=plus_one)  # a new grid: what a grid keeps (_line) holds for its fields as made
+    plans = {"target": saved_plans(target.model)}
     if draft is None:
-        return CostModel(verify, PiecewiseLinear([1.0], [0.0], 0.0))
+        return CostModel(verify, PiecewiseLinear([1.0], [0.0], 0.0), row_plans=plans)
+    plans["draft"] = saved_plans(draft.model)
     # a catch-up forward as the proposer runs it: long queries, no logits
     prefill = 0.0
     if 2 * (CATCH_UP_PROBE + 16) <= num_slots:
         prefill = _time_forward(draft, 2, 0, CATCH_UP_PROBE, rounds * repeats, logits_for="none") / (2 * CATCH_UP_PROBE)
     return CostModel(verify, fit_piecewise([b for b, _ in drafts], [c for _, c in drafts],
-                                           [_median(draft_t[shape]) for shape in drafts]), prefill)
+                                           [_median(draft_t[shape]) for shape in drafts]), prefill, plans)
 
 
 def _median(xs: list[float]) -> float:
