@@ -328,10 +328,10 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
     contexts, on a grid that fits in `num_slots` cache slots.
 
     Every shape is timed in each of `rounds` passes over the whole grid (`repeats` forwards a pass),
-    and the median of its passes is kept: a host whose speed drifts while it profiles bends the
-    curves at whichever shapes ran during a slow spell. With one pass, two profiles of the default
-    pair minutes apart differed by up to 12% at single shapes (batch 32 decode 101 and 113 ms), which
-    moved auto's plain-or-verify choice at those batch sizes.
+    and the median of its passes is kept: in one pass each shape's timing is taken at one moment, so
+    a slow spell on the host bends the curves at whichever shapes ran during it, and auto's
+    plain-or-verify choice at those batch sizes with them. The profile also keeps the row plans its
+    forwards ran under (gemm_rows.saved_plans), which an engine that loads it adopts.
 
     Must run while the caches hold no live sequence (at engine start-up).
     """
