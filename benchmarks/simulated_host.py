@@ -55,6 +55,8 @@ def main() -> None:
     if args.calibration:
         shutil.copyfile(args.calibration, profile.with_suffix(".calibration.json"))
     cost = CostModel.load(profile)
+    if cost is None:  # the engines would profile this machine instead, and simulate the wrong host
+        raise SystemExit(f"{args.profile}: an older profile format; rebuild it on the host it describes")
     tok = Tokenizer.from_path(default_target_path())
     rows = []
     for c in (int(x) for x in args.concurrency.split(",")):
