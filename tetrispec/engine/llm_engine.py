@@ -19,7 +19,6 @@ from tetrispec.engine.sampler import draw_uniforms, logits_to_probs, sample
 from tetrispec.engine.scheduler import Scheduler
 from tetrispec.engine.sequence import Sequence, SequenceStatus
 from tetrispec.model.chat_templates import resolve_chat_template
-from tetrispec.model.gemm_rows import adopt_plans, heaviest_plan
 from tetrispec.model.loader import load_model
 from tetrispec.model.model_runner import ForwardItem, ModelRunner
 from tetrispec.model.tokenizer import IncrementalDetokenizer
@@ -149,8 +148,7 @@ class LLMEngine:
             # run under the row plans the profile was timed with (a start can measure others: gemm_rows.adopt_plans)
             for runner, name in ((self.target, "target"), (self.draft, "draft")):
                 if runner is not None and cost.row_plans and name in cost.row_plans:
-                    adopt_plans(runner.model, cost.row_plans[name])
-            self.target.row_plan = heaviest_plan(self.target.model)
+                    runner.adopt_plans(cost.row_plans[name])
             self.selector.attach_cost_model(cost, self.target.row_plan)
             if isinstance(self.selector, AutoTetris):
                 self.selector.persist_to(profile.with_suffix(".calibration.json"))

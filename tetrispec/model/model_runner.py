@@ -8,7 +8,7 @@ import torch
 
 from tetrispec.model.attention import AttentionMetadata
 from tetrispec.model.cpu_kernel import cpu_ops
-from tetrispec.model.gemm_rows import heaviest_plan, plan_row_padding
+from tetrispec.model.gemm_rows import adopt_plans, heaviest_plan, plan_row_padding
 from tetrispec.model.llama import LlamaForCausalLM
 
 
@@ -40,6 +40,11 @@ class ModelRunner:
         # row_plan[n]: the rows a forward of n tokens (n < len) mostly runs its matmuls at (None: as is)
         self.row_plan = heaviest_plan(model)
         self.workspace = (torch.empty(0, dtype=dtype, device=device), torch.empty(0, dtype=dtype, device=device))
+
+    def adopt_plans(self, saved: dict[str, list[list]]) -> None:
+        """Run the short matmuls as a step-time profile's saved plans say (gemm_rows.adopt_plans)."""
+        adopt_plans(self.model, saved)
+        self.row_plan = heaviest_plan(self.model)
 
     @staticmethod
     def bytes_per_block(model: LlamaForCausalLM, block_size: int, dtype: torch.dtype) -> int:

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
+from statistics import median_high
 from typing import NamedTuple
 
 import numpy as np
@@ -241,7 +242,7 @@ def _time_forward(runner: ModelRunner, batch: int, ctx: int, q_len: int, repeats
         if runner.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return median_high(times)
 
 
 def isotonic(values: list[float], weights: list[float]) -> list[float]:
@@ -345,8 +346,8 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
     # middle context. Where that is a grid knot already (batch 1), or the cache cannot hold it, the knot
     # keeps the grid's own line there instead of a timing.
     ctx = ctxs[1]
-    plus_shapes = [(b, k + 1) for b in batches for k in ks[:-1]
-                   if (k + 1) + 1.0 / b < ks[ks.index(k) + 1] + 1 and b * (ctx + k + 3 + 16) <= num_slots]
+    plus_shapes = [(b, k + 1) for b in batches for k, k_next in zip(ks, ks[1:])
+                   if k + 1.0 / b < k_next and b * (ctx + k + 3 + 16) <= num_slots]
     drafts = [(b, c) for b, c, k in grid if k == 0] if draft is not None else []
     target_t: dict[tuple, list[float]] = {shape: [] for shape in grid}
     draft_t: dict[tuple, list[float]] = {shape: [] for shape in drafts}
@@ -369,7 +370,7 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
             bar.update()
     bar.close()
     verify = fit_grid([b for b, _, _ in grid], [k + 1 for _, _, k in grid], [c for _, c, _ in grid],
-                      [_median(target_t[shape]) for shape in grid])
+                      [median_high(target_t[shape]) for shape in grid])
     plus_one = []
     for i, b in enumerate(verify.batches):
         plus_one.append([])
@@ -379,7 +380,8 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
                 plus_one[i].append(float(_interp(verify.query_lens, verify.values[i], q + 1.0 / b)))
                 continue
             tokens = b * q + 1
-            plus_one[i].append(_median(times) - verify.slope_seq_ctx * b * ctx - verify.slope_token_ctx * tokens * ctx)
+            context_part = verify.slope_seq_ctx * b * ctx + verify.slope_token_ctx * tokens * ctx
+            plus_one[i].append(median_high(times) - context_part)
     verify = replace(verify, plus_one=plus_one)  # a new grid: what a grid keeps (_line) holds for its fields as made
     plans = {"target": saved_plans(target.model)}
     if draft is None:
@@ -390,11 +392,7 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
     if 2 * (CATCH_UP_PROBE + 16) <= num_slots:
         prefill = _time_forward(draft, 2, 0, CATCH_UP_PROBE, rounds * repeats, logits_for="none") / (2 * CATCH_UP_PROBE)
     return CostModel(verify, fit_piecewise([b for b, _ in drafts], [c for _, c in drafts],
-                                           [_median(draft_t[shape]) for shape in drafts]), prefill, plans)
-
-
-def _median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
+                                           [median_high(draft_t[shape]) for shape in drafts]), prefill, plans)
 
 
 def load_or_profile(path: Path, target: ModelRunner, draft: ModelRunner | None, max_batch: int,
