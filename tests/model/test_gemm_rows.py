@@ -12,6 +12,7 @@ from tetrispec.model.gemm_rows import (
     adopt_plans,
     heaviest_plan,
     measure_plan,
+    plan_from_times,
     plan_row_padding,
     saved_plans,
 )
@@ -73,3 +74,32 @@ def test_saved_plans_are_adopted_by_a_model_of_the_same_shapes():
     adopt_plans(other, saved)
     assert other[0].row_plan == source[0].row_plan and other[1].row_plan == source[1].row_plan
     assert other[2].row_plan is None  # a shape the saved plans do not name keeps what it had
+
+
+def test_a_saved_way_clearly_slower_on_this_cpu_is_not_adopted():
+    """Plans are the CPU's: a profile from another machine must not impose a way that is slow here, while
+    a way within ADOPT_TOLERANCE of this start's own (a coin toss between starts) is taken."""
+    model = torch.nn.Sequential(Linear(32, 64))
+    own = RowPlan(tuple(range(MAX_ROWS + 1)), (False,) * (MAX_ROWS + 1))
+    times = {(m, major): 1.0 + m / 100 for m in range(1, MAX_ROWS + 1) for major in (False, True)}
+    times[(2, True)] = 3.0  # 2 rows weight-major: three times as slow as x @ W^T here
+    times[(4, True)] = 1.04 * times[(3, False)]  # 3 rows padded to 4 weight-major: within the tolerance
+    model[0].row_plan, model[0].row_times = own, times
+    saved_rows = [0, 2, 2, 4] + list(range(4, MAX_ROWS + 1))
+    saved_major = [False, True, True, True] + [False] * (MAX_ROWS - 3)
+    adopt_plans(model, {"64x32:float32": [saved_rows, saved_major]})
+    plan = model[0].row_plan
+    assert (plan.rows[1], plan.weight_major[1]) == (1, False)  # 2 weight-major: 3.0 against 1.01
+    assert (plan.rows[2], plan.weight_major[2]) == (2, False)
+    assert (plan.rows[3], plan.weight_major[3]) == (4, True)  # 4% dearer by these timings: taken
+    assert plan.rows[4:] == tuple(range(4, MAX_ROWS + 1))
+
+
+def test_plan_from_times_pads_only_where_it_saves_enough():
+    times = {(m, major): 1.0 for m in range(1, MAX_ROWS + 1) for major in (False, True)}
+    times[(16, True)] = 0.5  # 16 rows weight-major: half the time of anything else
+    times[(8, False)] = 0.52
+    plan = plan_from_times(times)
+    assert plan.rows[1:8] == (16,) * 7 and all(plan.weight_major[1:8])
+    assert (plan.rows[8], plan.weight_major[8]) == (8, False)  # 0.52 vs 0.5: not worth padding
+    assert plan.rows[16] == 16 and plan.weight_major[16]

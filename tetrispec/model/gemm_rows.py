@@ -19,6 +19,7 @@ streamed) and left a ragged verify of 13 tokens at 115 ms where 16 took 95.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import NamedTuple
 
@@ -31,6 +32,8 @@ MIN_SAVING = 0.1  # pad or reorder only when the streamed pass is at least this 
 # ... and by at least this much per forward: smaller gaps between counts are timing noise. 0.5 ms kept the
 # draft (4 layers of 256) on x @ W^T, where W @ x^T saves 0.1-0.3 ms of a 2-3 ms forward at 2-4 rows (-30%)
 MIN_SECONDS = 5e-5
+# a profile's saved way is adopted where it costs at most this much more than this start's own (adopt_plans)
+ADOPT_TOLERANCE = MIN_SAVING
 
 
 class RowPlan(NamedTuple):
@@ -49,6 +52,7 @@ class Linear(nn.Linear):
     """nn.Linear that runs a short batch the way its plan says is fastest."""
 
     row_plan: RowPlan | None = None
+    row_times: dict | None = None  # seconds of each way to run a short batch (time_ways), where measured
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.row_plan
@@ -64,10 +68,13 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def measure_plan(weights: list[torch.Tensor], repeats: int = 2) -> RowPlan:
-    """The plan for m = 0..MAX_ROWS rows: the cheapest row count >= m and operand order, where it
-    beats m rows as x @ W^T by MIN_SAVING and MIN_SECONDS. weights: every weight of one shape and
-    dtype in the model, timed as a forward meets them (one pass over all of them)."""
+Way = tuple[int, bool]  # (row count, weight-major)
+
+
+def time_ways(weights: list[torch.Tensor], repeats: int = 2) -> dict[Way, float]:
+    """Seconds of one timing (a fixed number of passes over all the weights) of every way to run up to
+    MAX_ROWS rows: each row count, in each operand order. weights: every weight of one shape and dtype in
+    the model, timed as a forward meets them (one pass over all of them)."""
     x = torch.randn(MAX_ROWS, weights[0].shape[1], dtype=weights[0].dtype, device=weights[0].device)
     ways = [(m, major) for m in range(1, MAX_ROWS + 1) for major in (False, True)]
     times = {way: float("inf") for way in ways}
@@ -84,15 +91,25 @@ def measure_plan(weights: list[torch.Tensor], repeats: int = 2) -> RowPlan:
                     for w in weights:
                         _matmul(x[:m], w, major)
                 times[(m, major)] = min(times[(m, major)], time.perf_counter() - start)
+    return {way: t / passes for way, t in times.items()}
+
+
+def plan_from_times(times: dict[Way, float]) -> RowPlan:
+    """The plan for m = 0..MAX_ROWS rows: the cheapest row count >= m and operand order, where it beats m
+    rows as x @ W^T by MIN_SAVING and MIN_SECONDS (times: seconds of one pass, time_ways)."""
     rows, weight_major = [0], [False]
     for m in range(1, MAX_ROWS + 1):
-        best = min((way for way in ways if way[0] >= m), key=times.__getitem__)
+        best = min((way for way in times if way[0] >= m), key=times.__getitem__)
         saved = times[(m, False)] - times[best]
-        if not (saved > MIN_SAVING * times[(m, False)] and saved / passes > MIN_SECONDS):
+        if not (saved > MIN_SAVING * times[(m, False)] and saved > MIN_SECONDS):
             best = (m, False)
         rows.append(best[0])
         weight_major.append(best[1])
     return RowPlan(tuple(rows), tuple(weight_major))
+
+
+def measure_plan(weights: list[torch.Tensor], repeats: int = 2) -> RowPlan:
+    return plan_from_times(time_ways(weights, repeats))
 
 
 def _by_shape(model: nn.Module, keep) -> dict[tuple, list[Linear]]:
@@ -116,13 +133,15 @@ def heaviest_plan(model: nn.Module) -> tuple[int, ...] | None:
 
 def plan_row_padding(model: nn.Module) -> dict[tuple, RowPlan]:
     """Give every Linear of a CPU model its plan, measuring each distinct weight shape and dtype once
-    (a model shared by several runners keeps the plan it got first)."""
+    (a model shared by several runners keeps the plan it got first). The timings stay on the modules
+    (row_times): adopt_plans checks a saved plan against them."""
     groups = _by_shape(model, lambda m: m.weight.device.type == "cpu" and m.row_plan is None)
     plans = {}
     for key, modules in groups.items():
-        plans[key] = measure_plan([m.weight.detach() for m in modules])
+        times = time_ways([m.weight.detach() for m in modules])
+        plans[key] = plan_from_times(times)
         for m in modules:
-            m.row_plan = plans[key]
+            m.row_plan, m.row_times = plans[key], times
     return plans
 
 
@@ -139,11 +158,28 @@ def saved_plans(model: nn.Module) -> dict[str, list[list]]:
 
 
 def adopt_plans(model: nn.Module, saved: dict[str, list[list]]) -> None:
-    """Run the model's short matmuls as `saved` (saved_plans) says, for the shapes it names. Where the two
-    operand orders are within 10% of each other (8-16 rows here) the measured plan differs from start to
-    start, and a forward timed under one plan and run under another is mispriced by up to that much."""
+    """Run the model's short matmuls as `saved` (saved_plans) says, for the shapes it names, at the row
+    counts where that costs at most ADOPT_TOLERANCE more than this start's own plan by its own timings. Where
+    the two operand orders are within 10% of each other (8-16 rows on the dev VM) the measured plan
+    differs from start to start, and a forward timed under one plan and run under another is mispriced
+    by up to that much. But plans are the CPU's: one VM ran 2-4 rows weight-major at a third of the time
+    of x @ W^T, the next at twice it, and a profile made on the first ran batch-1 steps 3x slower on the
+    second until a saved way clearly slower here was refused."""
     for key, modules in _by_shape(model, lambda m: m.weight.device.type == "cpu").items():
         plan = saved.get(_shape_key(key))
-        if plan is not None:
-            for m in modules:
-                m.row_plan = RowPlan(tuple(int(r) for r in plan[0]), tuple(bool(w) for w in plan[1]))
+        if plan is None:
+            continue
+        adopted = RowPlan(tuple(int(r) for r in plan[0]), tuple(bool(w) for w in plan[1]))
+        own, times = modules[0].row_plan, modules[0].row_times
+        if own is not None and times is not None:  # keep this start's way where the saved one is clearly slower
+            rows, major = [0], [False]
+            for m in range(1, len(own.rows)):
+                mine = (own.rows[m], own.weight_major[m])
+                way = (adopted.rows[m], adopted.weight_major[m]) if m < len(adopted.rows) else mine
+                if times.get(way, math.inf) > (1 + ADOPT_TOLERANCE) * times[mine]:
+                    way = mine
+                rows.append(way[0])
+                major.append(way[1])
+            adopted = RowPlan(tuple(rows), tuple(major))
+        for m in modules:
+            m.row_plan = adopted
