@@ -66,9 +66,9 @@ def main() -> None:
     done = {r["concurrency"] for r in rows}
 
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    cost = CostModel.load(args.profile)
-    if cost is None:
-        raise SystemExit(f"{args.profile}: no current step-time profile; build it with `tetrispec profile`")
+    cost = CostModel.load_current(args.profile, EngineConfig().torch_device)
+    if cost is None:  # the engines would re-profile, and the modelled numbers would use the stale file
+        raise SystemExit(f"{args.profile}: no current step-time profile for this host; run `tetrispec profile`")
     methods = {name: METHODS[name] for name in args.methods.split(",")}
     depth = max(make_selector(SpecConfig(**m), has_draft=True).max_depth for m in methods.values())
     tok = Tokenizer.from_path(default_target_path())

@@ -51,7 +51,9 @@ def main() -> None:
     args = ap.parse_args()
     # a private copy: auto keeps its calibration beside the profile, and this run starts it fresh
     profile = Path(tempfile.mkdtemp()) / "profile.json"
-    shutil.copyfile(args.profile, profile)
+    saved = json.loads(Path(args.profile).read_text())
+    saved.pop("host", None)  # the engines must take it as this host's, not re-profile this one
+    profile.write_text(json.dumps(saved))
     if args.calibration:
         shutil.copyfile(args.calibration, profile.with_suffix(".calibration.json"))
     cost = CostModel.load(profile)

@@ -157,8 +157,8 @@ def test_a_slow_spell_during_one_pass_over_the_grid_does_not_bend_the_profile(mo
     """Each shape keeps the median of its passes: the second of three passes runs 1.5x slow at
     batch 4 and up (the host busy for a while), and the profile still prices those batches right.
     Profiled in a single pass that is slow there, it would not (the contrast shows the spell matters)."""
-    target, draft = (SimpleNamespace(block_size=16, forward=lambda items, logits_for: None, model=torch.nn.Module())
-                     for _ in range(2))
+    target, draft = (SimpleNamespace(block_size=16, device=torch.device("cpu"), model=torch.nn.Module(),
+                                     forward=lambda items, logits_for: None) for _ in range(2))
     passes, spell = [], {}
 
     def timed(runner, batch, ctx, q_len, repeats, logits_for="all", before=None, extra=0):
@@ -179,3 +179,19 @@ def test_a_slow_spell_during_one_pass_over_the_grid_does_not_bend_the_profile(mo
         errors = [abs(cost.target_time(b, b * q, ctx) / truth(b, q, ctx) - 1)
                   for b in (4, 8) for q in (1, 2, 3, 5) for ctx in (64, 256, 768)]
         assert (max(errors) < 0.02) == close, (rounds, max(errors))
+
+
+def test_a_profile_from_another_host_is_not_current(tmp_path, caplog):
+    """Step times and row plans belong to the machine they were timed on: a profile that names another
+    host is re-made (load_or_profile, `tetrispec profile`), one that names none is taken as it is."""
+    cpu = torch.device("cpu")
+    here = cost_model.host_fingerprint(cpu)
+    assert here.startswith("cpu ") and f"torch {torch.__version__}" in here
+    grid = VerifyGrid([1.0, 2.0], [1.0, 2.0], [[0.01, 0.012], [0.012, 0.02]], 0.0, 0.0)
+    path = tmp_path / "cost.json"
+    for host, current in ((here, True), ("", True), ("cpu Some Other CPU; 64 cores", False)):
+        model = CostModel(grid, PiecewiseLinear([1.0], [0.001], 0.0), host=host)
+        model.save(path)
+        assert (CostModel.load_current(path, cpu) == model) is current
+    assert "made on another host" in caplog.text
+    assert CostModel.load_current(tmp_path / "missing.json", cpu) is None

@@ -25,7 +25,7 @@ def run(args) -> int:
         kwargs["spec_method"], kwargs["tetris_capacity"] = "tetris", None  # load without profiling on start-up
     engine = LLMEngine(build_config(**kwargs))
     path = engine.profile_path()
-    if path.exists() and not args.force and CostModel.load(path) is not None:
+    if not args.force and CostModel.load_current(path, engine.device) is not None:
         print(f"profile exists: {path} (use --force to rebuild)")
     else:
         cost = profile(engine.target, engine.draft, args.max_num_seqs, max(args.dsd_max_k, engine.selector.max_depth),

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -32,6 +34,30 @@ from tetrispec.model.gemm_rows import saved_plans
 from tetrispec.model.model_runner import ForwardItem, ModelRunner
 
 FORMAT = 8  # bumped when the saved fields, or how the timed forwards run, change: an older cached profile is rebuilt
+
+logger = logging.getLogger(__name__)
+
+
+def host_fingerprint(device: torch.device) -> str:
+    """The machine a profile's timings belong to: the GPU's name, or the CPU's model, core count and
+    last-level cache, with torch's version and thread count. Step times and row plans are the host's:
+    the dev VM changed under a committed profile between two sessions (480 MB L3 to 260 MB, the same
+    model name), and a profile made on the first mispriced every step on the second."""
+    if device.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(device)}; torch {torch.__version__}"
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    try:
+        l3 = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+    except OSError:
+        l3 = "?"
+    cpu = " ".join(fields.get(k, "?") for k in ("model name", "cpu family", "model", "stepping"))
+    return f"cpu {cpu}; {os.cpu_count()} cores; L3 {l3}; torch {torch.__version__}; {torch.get_num_threads()} threads"
 
 
 class StepRecord(NamedTuple):
@@ -167,6 +193,7 @@ class CostModel:
     # the CPU row plans the forwards were timed under, {"target": ..., "draft": ...} (gemm_rows.saved_plans);
     # an engine that loads the profile runs its matmuls under them (LLMEngine.set_speculation)
     row_plans: dict | None = None
+    host: str = ""  # host_fingerprint of the machine it was timed on ("": unknown, taken as this one)
 
     @classmethod
     def linear(cls, fixed: float, per_token: float, per_token_ctx: float = 0.0, draft_fixed: float = 0.0,
@@ -214,7 +241,18 @@ class CostModel:
         d = json.loads(Path(path).read_text())
         if d.get("format") != FORMAT:
             return None
-        return cls(VerifyGrid(**d["target"]), PiecewiseLinear(**d["draft"]), d["draft_prefill"], d["row_plans"])
+        return cls(VerifyGrid(**d["target"]), PiecewiseLinear(**d["draft"]), d["draft_prefill"], d["row_plans"],
+                   d.get("host", ""))
+
+    @classmethod
+    def load_current(cls, path: str | Path, device: torch.device) -> CostModel | None:
+        """The saved model if it is current: this format, and timed on this host (or on an unnamed one)."""
+        cost = cls.load(path) if Path(path).exists() else None
+        if cost is not None and cost.host and cost.host != host_fingerprint(device):
+            logger.warning("step-time profile %s was made on another host (%s; this is %s): re-profiling",
+                           path, cost.host, host_fingerprint(device))
+            return None
+        return cost
 
 
 def _items(runner: ModelRunner, batch: int, ctx: int, q_len: int, extra: int = 0) -> list[ForwardItem]:
@@ -385,19 +423,21 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
     verify = replace(verify, plus_one=plus_one)  # a new grid: what a grid keeps (_line) holds for its fields as made
     plans = {"target": saved_plans(target.model)}
     if draft is None:
-        return CostModel(verify, PiecewiseLinear([1.0], [0.0], 0.0), row_plans=plans)
+        return CostModel(verify, PiecewiseLinear([1.0], [0.0], 0.0), row_plans=plans,
+                         host=host_fingerprint(target.device))
     plans["draft"] = saved_plans(draft.model)
     # a catch-up forward as the proposer runs it: long queries, no logits
     prefill = 0.0
     if 2 * (CATCH_UP_PROBE + 16) <= num_slots:
         prefill = _time_forward(draft, 2, 0, CATCH_UP_PROBE, rounds * repeats, logits_for="none") / (2 * CATCH_UP_PROBE)
     return CostModel(verify, fit_piecewise([b for b, _ in drafts], [c for _, c in drafts],
-                                           [median_high(draft_t[shape]) for shape in drafts]), prefill, plans)
+                                           [median_high(draft_t[shape]) for shape in drafts]), prefill, plans,
+                     host_fingerprint(target.device))
 
 
 def load_or_profile(path: Path, target: ModelRunner, draft: ModelRunner | None, max_batch: int,
                     max_k: int, num_slots: int) -> CostModel:
-    cached = CostModel.load(path) if path.exists() else None
+    cached = CostModel.load_current(path, target.device)
     if cached is not None:
         return cached
     cost = profile(target, draft, max_batch, max_k, num_slots)
