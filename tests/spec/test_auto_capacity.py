@@ -14,6 +14,7 @@ from tetrispec.spec.auto_capacity import (
     REUSE_MAX,
     REUSE_STEPS,
     SETTLED,
+    SPIKE,
     AcceptanceEstimator,
     AutoTetris,
     _best_capacity,
@@ -629,3 +630,16 @@ def test_levels_not_drafted_drop_to_the_projection_at_once():
     sel.level_means[1] = 0.0  # below the projection: it climbs back by the EMA only
     sel.select(torch.log(torch.full((8, 1), 0.3)), BatchInfo(8, 0.0))
     assert sel.level_means[1] == pytest.approx(0.1 * projected[1])
+
+
+def test_a_stalled_step_moves_the_clock_little_and_a_slower_host_is_still_followed():
+    model = cost(per_token=0.002, fixed=0.05, draft=0.006)
+    sel = AutoTetris(max_depth=2, cost=model)
+    plain = model.target_time(4, 4, 100.0)
+    for _ in range(2 * SETTLED):
+        sel.observe_step(StepRecord(4, 4, 0, 100.0, plain))
+    sel.observe_step(StepRecord(4, 4, 0, 100.0, 20 * plain))  # the host stalled this step
+    assert 1.0 < sel.clock(4).ratio["plain"] <= 1 + (SPIKE - 1) / SETTLED + 1e-9
+    for _ in range(40):  # from here on the host runs plain steps 1.6x slower
+        sel.observe_step(StepRecord(4, 4, 0, 100.0, 1.6 * plain))
+    assert sel.clock(4).ratio["plain"] > 1.45

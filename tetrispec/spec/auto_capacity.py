@@ -364,6 +364,11 @@ LEARN_EVERY = 32  # speculative steps whose outcomes are learned from in one go 
 WARMUP_LEARN_EVERY = 4  # ... and while the estimator warms up (its first outcomes move it most)
 RATIO_DRIFT = 0.001  # per step past 16 in a row of one kind: the other kind's clock ratios toward it
 SETTLED = 20  # a clock ratio is the mean of its first this many timings, then an EMA of weight 1 / SETTLED
+# One timing counts as at most this many times the kind's ratio so far (and at least its inverse). On session
+# 20's VM, steps of about 100 ms stalled for 0.3-1.3 s every few dozen steps, at random; each such timing,
+# counted in full (up to 8x), moved a settled ratio by up to 35%, and auto's choices at c = 1 swung with it.
+# A real change of pace still comes through: a host 1.6x slower is followed within about 40 steps.
+SPIKE = 1.5
 
 
 class AutoTetris(Selector):
@@ -638,8 +643,10 @@ class AutoTetris(Selector):
         source = "plain" if record.depth == 0 else "verify"
         before = r[source]
         for kind, measured, predicted in parts:
-            ratio = min(max(measured / predicted, 0.25), 8.0)  # one outlier (a GC pause) moves it little
             n = clock.counts.get(kind, 0)
+            ratio = min(max(measured / predicted, 0.25), 8.0)
+            if n:  # a stall of the host (one step at 10-25x its usual time) moves the ratio by at most SPIKE
+                ratio = min(max(ratio, r[kind] / SPIKE), SPIKE * r[kind])
             weight = max(1 / SETTLED, 1.0 / (n + 1))  # the mean of the timings here; the prior only until the first
             r[kind] = (1 - weight) * r[kind] + weight * ratio
             clock.counts[kind] = n + 1
