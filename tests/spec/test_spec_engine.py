@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import json
 import math
+import statistics
 import time
 
 import pytest
@@ -235,7 +236,10 @@ def test_keep_going_decisions_are_timed_apart_from_the_draft_forwards(tiny_pair,
     llm.engine.step_trace = []
     llm.generate(mixed_prompts(4), params)
     spec = [r for r in llm.engine.step_trace if r.depth == 3]  # two decisions each (after levels 1 and 2)
-    assert spec and all(r.seconds >= 2 * pause and r.draft_seconds < pause for r in spec)
+    assert spec and all(r.seconds >= 2 * pause for r in spec)
+    # timed as drafting, every step's draft time would hold both pauses; the median leaves out a host's
+    # stall during one step's draft forwards (0.3-1.3 s on session 20's VM)
+    assert statistics.median(r.draft_seconds for r in spec) < pause
 
 
 def test_an_engine_runs_under_the_row_plans_its_profile_was_timed_with(tiny_pair, tmp_path, monkeypatch):
