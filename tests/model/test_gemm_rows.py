@@ -11,10 +11,10 @@ from tetrispec.model.gemm_rows import (
     RowPlan,
     adopt_plans,
     heaviest_plan,
-    measure_plan,
     plan_from_times,
     plan_row_padding,
     saved_plans,
+    time_ways,
 )
 
 
@@ -51,7 +51,7 @@ def test_training_is_never_padded():
 
 
 def test_plans_pad_only_upward_and_are_shared_per_shape():
-    plan = measure_plan([torch.randn(64, 32), torch.randn(64, 32)])
+    plan = plan_from_times(time_ways([torch.randn(64, 32), torch.randn(64, 32)]))
     assert len(plan.rows) == len(plan.weight_major) == MAX_ROWS + 1
     assert all(m <= p <= MAX_ROWS for m, p in enumerate(plan.rows))
     model = torch.nn.Sequential(Linear(32, 64), Linear(32, 64), Linear(64, 32))

@@ -108,10 +108,6 @@ def plan_from_times(times: dict[Way, float]) -> RowPlan:
     return RowPlan(tuple(rows), tuple(weight_major))
 
 
-def measure_plan(weights: list[torch.Tensor], repeats: int = 2) -> RowPlan:
-    return plan_from_times(time_ways(weights, repeats))
-
-
 def _by_shape(model: nn.Module, keep) -> dict[tuple, list[Linear]]:
     """The model's Linears for which keep(module) holds, grouped by weight shape and dtype."""
     groups: dict[tuple, list[Linear]] = {}

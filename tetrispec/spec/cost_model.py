@@ -248,9 +248,10 @@ class CostModel:
     def load_current(cls, path: str | Path, device: torch.device) -> CostModel | None:
         """The saved model if it is current: this format, and timed on this host (or on an unnamed one)."""
         cost = cls.load(path) if Path(path).exists() else None
-        if cost is not None and cost.host and cost.host != host_fingerprint(device):
+        here = host_fingerprint(device)
+        if cost is not None and cost.host and cost.host != here:
             logger.warning("step-time profile %s was made on another host (%s; this is %s): re-profiling",
-                           path, cost.host, host_fingerprint(device))
+                           path, cost.host, here)
             return None
         return cost
 
@@ -421,18 +422,16 @@ def profile(target: ModelRunner, draft: ModelRunner | None, max_batch: int, max_
             context_part = verify.slope_seq_ctx * b * ctx + verify.slope_token_ctx * tokens * ctx
             plus_one[i].append(median_high(times) - context_part)
     verify = replace(verify, plus_one=plus_one)  # a new grid: what a grid keeps (_line) holds for its fields as made
-    plans = {"target": saved_plans(target.model)}
+    plans, host = {"target": saved_plans(target.model)}, host_fingerprint(target.device)
     if draft is None:
-        return CostModel(verify, PiecewiseLinear([1.0], [0.0], 0.0), row_plans=plans,
-                         host=host_fingerprint(target.device))
+        return CostModel(verify, PiecewiseLinear([1.0], [0.0], 0.0), row_plans=plans, host=host)
     plans["draft"] = saved_plans(draft.model)
     # a catch-up forward as the proposer runs it: long queries, no logits
     prefill = 0.0
     if 2 * (CATCH_UP_PROBE + 16) <= num_slots:
         prefill = _time_forward(draft, 2, 0, CATCH_UP_PROBE, rounds * repeats, logits_for="none") / (2 * CATCH_UP_PROBE)
     return CostModel(verify, fit_piecewise([b for b, _ in drafts], [c for _, c in drafts],
-                                           [median_high(draft_t[shape]) for shape in drafts]), prefill, plans,
-                     host_fingerprint(target.device))
+                                           [median_high(draft_t[shape]) for shape in drafts]), prefill, plans, host)
 
 
 def load_or_profile(path: Path, target: ModelRunner, draft: ModelRunner | None, max_batch: int,
