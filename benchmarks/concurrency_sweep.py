@@ -5,7 +5,8 @@ pair, one copy of the weights) runs the same ShareGPT prompts (greedy, chat temp
 length from the dataset capped at --max-output), all engines interleaved step by step (see
 interleave.py), --prompts-per-seq x concurrency prompts (at least --min-prompts). The
 auto-capacity selector keeps its calibration across concurrencies (persisted beside the cost
-profile, as in serving).
+profile, as in serving). Every method's steps, as timed, go to steps_c<concurrency>.json beside the
+results (interleave.Tally.timeline and the engine's step trace): where a host's slow spell fell.
 
     python benchmarks/concurrency_sweep.py --concurrency 1,2,4,8,16,32 --out benchmarks/results/concurrency_cpu
 """
@@ -31,7 +32,7 @@ from tetrispec.bench.datasets import load_dataset
 from tetrispec.config import EngineConfig, SpecConfig
 from tetrispec.model.loader import default_target_path
 from tetrispec.model.tokenizer import Tokenizer
-from tetrispec.spec.cost_model import CostModel
+from tetrispec.spec.cost_model import CostModel, StepRecord
 from tetrispec.spec.selectors import make_selector
 
 METHODS = {
@@ -93,6 +94,9 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         results_path.write_text(json.dumps(rows, indent=1))
+        (out / f"steps_c{c}.json").write_text(json.dumps(
+            {name: {"timeline": tally.timeline, "fields": StepRecord._fields, "trace": engines[name].step_trace}
+             for name, tally in tallies.items()}))
         del engines
     pooled = pooled_calibration(rows)
     if pooled is not None:

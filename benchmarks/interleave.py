@@ -53,6 +53,9 @@ class Tally:
     decode_seconds: float = 0.0
     modelled_seconds: float = 0.0
     stats: SpecStats = field(default_factory=SpecStats)
+    # every step as it ran: (start, seconds from the run's start; its step_trace index, -1 for a prefill),
+    # which lines a slow spell up across methods
+    timeline: list[tuple[float, float, int]] = field(default_factory=list)
 
     def summary(self) -> dict:
         s = self.stats.summary()
@@ -125,14 +128,16 @@ def lockstep(engines: dict[str, LLMEngine], prompts: list[list[int]], params: li
         engine.stats, engine.step_trace = SpecStats(), []
         seqs[name] = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         tallies[name], emitted[name], waited[name] = Tally(), 0, 0
-    clock = 0
+    clock, t0 = 0, time.perf_counter()
     while live := [n for n, e in engines.items() if e.has_unfinished()]:
         name = min(live, key=lambda n: (emitted[n], waited[n]))
         engine = engines[name]
-        before = engine.num_generation_tokens
+        before, traced = engine.num_generation_tokens, len(engine.step_trace)
         start = time.perf_counter()
         engine.step()
-        tallies[name].seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        tallies[name].seconds += seconds
+        tallies[name].timeline.append((start - t0, seconds, traced if len(engine.step_trace) > traced else -1))
         emitted[name] += engine.num_generation_tokens - before
         clock += 1
         waited[name] = clock
