@@ -14,6 +14,7 @@ from tetrispec.spec.auto_capacity import (
     REUSE_MAX,
     REUSE_STEPS,
     SETTLED,
+    SHAPE_PRIOR,
     SPIKE,
     AcceptanceEstimator,
     AutoTetris,
@@ -21,6 +22,7 @@ from tetrispec.spec.auto_capacity import (
     best_capacity,
     reliability_table,
     reuse_steps,
+    verify_bucket,
 )
 from tetrispec.spec.cost_model import CostModel, PiecewiseLinear, StepRecord, VerifyGrid, isotonic
 from tetrispec.spec.proposer import INLINE_CATCH_UP
@@ -457,6 +459,46 @@ def test_a_fresh_range_learns_its_step_times_in_a_few_steps():
     # the mean of the timings: the prior only stands until the first (an EMA of 0.05 would be at 0.87)
     assert sel.clock(8).ratio["verify"] == pytest.approx(0.8, abs=0.005)
     assert sel.clock(8).ratio["plain"] == pytest.approx(sel.clock(8).ratio["verify"])  # not timed: follows
+
+
+def test_each_verify_size_is_priced_at_its_own_timings():
+    """Verifies of 0 drafts ran at 1.2x the profile and of 4 drafts at 0.9x: each size bucket is priced at its
+    own ratio, one not timed at the mean of the verify timings."""
+    model = cost(per_token=0.002, fixed=0.05, draft=0.006)
+    sel = AutoTetris(max_depth=2, cost=model)
+    draft_t = model.draft_time(8, 100.0)
+    for _ in range(100):
+        sel.observe_step(StepRecord(8, 8, 1, 100.0, 1.2 * model.target_time(8, 8, 100.0) + draft_t, draft_t))
+        sel.observe_step(StepRecord(8, 12, 1, 100.0, 0.9 * model.target_time(8, 12, 100.0) + draft_t, draft_t))
+    assert [verify_bucket(n) for n in (0, 1, 2, 3, 4, 5, 8, 9)] == [0, 1, 2, 3, 3, 4, 4, 5]
+    price = sel.prices(8, 100.0)
+    assert price.verify[0] == pytest.approx(1.2 * model.target_time(8, 8, 100.0), rel=0.02)
+    assert price.verify[4] == pytest.approx(0.9 * model.target_time(8, 12, 100.0), rel=0.02)
+    r = sel.clock(8).ratio["verify"]
+    assert 0.95 < r < 1.15 and price.verify[2] == pytest.approx(r * model.target_time(8, 10, 100.0))
+    # a size's first timing, in a stall, prices it out of reach no more than SPIKE / (1 + SHAPE_PRIOR) does
+    sel.observe_step(StepRecord(8, 14, 1, 100.0, 10 * model.target_time(8, 14, 100.0) + draft_t, draft_t))
+    assert 1.05 < sel.clock(8).shape[4] <= 1 + (SPIKE - 1) / (1 + SHAPE_PRIOR) + 1e-9
+
+
+def test_a_draft_is_verified_where_its_verify_costs_less_than_profiled():
+    """At batch 1 the profile charges a 1-draft verify 10% over a plain forward and the host runs it 5% over
+    (both measured as verifies): a draft of estimate ~0.075 pays for that, not for the profiled 10%. One
+    ratio for every verify size, as timed with both sizes at their mean, prices it at the profile's 10%."""
+    model = cost(per_token=0.006, fixed=0.05, draft=0.001)
+    one_draft = torch.log(torch.tensor([[0.07]]))
+    batch = BatchInfo(1, 100)
+
+    def verified(shaped: bool) -> int:
+        sel = AutoTetris(max_depth=1, cost=model)
+        t0, t1, d = model.target_time(1, 1, 100.0), model.target_time(1, 2, 100.0), model.draft_time(1, 100.0)
+        mean = (t0 + 0.95 * t1) / (t0 + t1)
+        for _ in range(100):
+            sel.observe_step(StepRecord(1, 1, 1, 100.0, (1.0 if shaped else mean) * t0 + d, d))
+            sel.observe_step(StepRecord(1, 2, 1, 100.0, (0.95 if shaped else mean) * t1 + d, d))
+        return int(sel.select(one_draft, batch).sum())
+
+    assert verified(shaped=True) == 1 and verified(shaped=False) == 0
 
 
 def _near_tie(plain_ratio: float, drafting_first: bool, steps: int = 30) -> list[int]:

@@ -253,6 +253,15 @@ class StepClock:
     plain_run: int = 0  # consecutive plain steps observed
     spec_run: int = 0  # consecutive speculative steps observed
     counts: dict[str, int] = field(default_factory=dict)  # measurements of each kind of step in this range
+    # Verifies of different sizes off the profile by different amounts: per size bucket (verify_bucket), the
+    # bucket's timings over the verify ratio, and how many there were. A bucket not timed yet prices at 1.0.
+    shape: dict[int, float] = field(default_factory=dict)
+    shape_counts: dict[int, int] = field(default_factory=dict)
+
+
+def verify_bucket(drafts: int) -> int:
+    """Size bucket of a verify of this many drafts on top of the batch: 0, 1, 2, 3-4, 5-8, ..."""
+    return (drafts - 1).bit_length() + 1 if drafts else 0
 
 
 def best_capacity(values, batch_size: int, fixed_time: float, cost: CostModel, mean_len: float,
@@ -369,6 +378,9 @@ SETTLED = 20  # a clock ratio is the mean of its first this many timings, then a
 # counted in full (up to 8x), moved a settled ratio by up to 35%, and auto's choices at c = 1 swung with it.
 # A real change of pace still comes through: a host 1.6x slower is followed within about 40 steps.
 SPIKE = 1.5
+# A verify size's correction (StepClock.shape) starts as this many timings of 1.0: a size is chosen only while it
+# pays, so one first timing in a slow spell, counted in full, could price it out for good.
+SHAPE_PRIOR = 4
 
 
 class AutoTetris(Selector):
@@ -400,8 +412,9 @@ class AutoTetris(Selector):
 
     def prices(self, batch_size: int, mean_len: float) -> StepPrices:
         """This step's StepPrices (the clock only moves between steps, so the key changes every step)."""
-        r = self.clock(batch_size).ratio
-        key = (batch_size, mean_len, r["plain"], r["draft"], r["verify"], id(self.cost))
+        clock = self.clock(batch_size)
+        r = clock.ratio
+        key = (batch_size, mean_len, r["plain"], r["draft"], r["verify"], tuple(clock.shape.items()), id(self.cost))
         if self._prices is None or self._prices.key != key:
             if self._lines_cost is not self.cost:
                 self._verify_lines, self._lines_cost = {}, self.cost
@@ -422,8 +435,13 @@ class AutoTetris(Selector):
             # speculative step's bookkeeping, for nothing). The plain step is priced as depth() and
             # observe_step price it, at its own token count (its padded count, 4 tokens at batch 1,
             # lies between the profile's knots and priced it 11% dearer).
-            rv = r["verify"]
-            verify = [rv * max(a + mean_len * b, 1e-6) for a, b in zip(*line)]  # plain Python, see _best_capacity
+            # Each size of verify at its own bucket's correction (StepClock.shape): on one VM a verify of 1 draft
+            # at batch 1 ran at 0.93x its profiled time, of none at 1.0x; one ratio for all of them priced the
+            # draft's verification at twice what it cost, and auto verified nothing on a third of its steps
+            # where fixed k=1, verifying every draft, was 3.7% faster.
+            rv, shape = r["verify"], clock.shape
+            verify = [rv * shape.get(verify_bucket(c), 1.0) * max(a + mean_len * b, 1e-6)
+                      for c, (a, b) in enumerate(zip(*line))]  # plain Python, see _best_capacity
             plain = r["plain"] * self.cost.target_time(batch_size, batch_size, mean_len)
             floor = plain - verify[0]
             if floor > 0:
@@ -641,7 +659,7 @@ class AutoTetris(Selector):
                      ("verify", record.seconds - record.draft_seconds - record.catch_up_seconds,
                       self.cost.target_time(B, self._padded(record.tokens), s))]
         source = "plain" if record.depth == 0 else "verify"
-        before = r[source]
+        before, timed = r[source], {}
         for kind, measured, predicted in parts:
             n = clock.counts.get(kind, 0)
             ratio = min(max(measured / predicted, 0.25), 8.0)
@@ -649,7 +667,13 @@ class AutoTetris(Selector):
                 ratio = min(max(ratio, r[kind] / SPIKE), SPIKE * r[kind])
             weight = max(1 / SETTLED, 1.0 / (n + 1))  # the mean of the timings here; the prior only until the first
             r[kind] = (1 - weight) * r[kind] + weight * ratio
-            clock.counts[kind] = n + 1
+            clock.counts[kind], timed[kind] = n + 1, ratio
+        if record.depth:  # this verify's size against verifies of every size (the ratio just updated)
+            b = verify_bucket(record.tokens - B)
+            n = clock.shape_counts.get(b, 0)
+            weight = max(1 / SETTLED, 1.0 / (n + 1 + SHAPE_PRIOR))
+            clock.shape[b] = (1 - weight) * clock.shape.get(b, 1.0) + weight * timed["verify"] / r["verify"]
+            clock.shape_counts[b] = n + 1
         for kind in r.keys() - clock.counts.keys():  # not timed here yet: moves as the timed kind did
             r[kind] *= r[source] / before
 
