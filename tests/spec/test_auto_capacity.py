@@ -16,6 +16,7 @@ from tetrispec.spec.auto_capacity import (
     SETTLED,
     SHAPE_PRIOR,
     SPIKE,
+    SPIKE_SETTLED,
     AcceptanceEstimator,
     AutoTetris,
     _best_capacity,
@@ -476,9 +477,10 @@ def test_each_verify_size_is_priced_at_its_own_timings():
     assert price.verify[4] == pytest.approx(0.9 * model.target_time(8, 12, 100.0), rel=0.02)
     r = sel.clock(8).ratio["verify"]
     assert 0.95 < r < 1.15 and price.verify[2] == pytest.approx(r * model.target_time(8, 10, 100.0))
-    # a size's first timing, in a stall, prices it out of reach no more than SPIKE / (1 + SHAPE_PRIOR) does
+    # a size's first timing, in a stall, moves its price little: clipped as any settled verify, then one of
+    # 1 + SHAPE_PRIOR timings
     sel.observe_step(StepRecord(8, 14, 1, 100.0, 10 * model.target_time(8, 14, 100.0) + draft_t, draft_t))
-    assert 1.05 < sel.clock(8).shape[4] <= 1 + (SPIKE - 1) / (1 + SHAPE_PRIOR) + 1e-9
+    assert 1.0 < sel.clock(8).shape[4] <= 1 + (SPIKE_SETTLED - 1) / (1 + SHAPE_PRIOR) + 1e-9
 
 
 def test_a_draft_is_verified_where_its_verify_costs_less_than_profiled():
@@ -678,10 +680,17 @@ def test_a_stalled_step_moves_the_clock_little_and_a_slower_host_is_still_follow
     model = cost(per_token=0.002, fixed=0.05, draft=0.006)
     sel = AutoTetris(max_depth=2, cost=model)
     plain = model.target_time(4, 4, 100.0)
+    sel.observe_step(StepRecord(4, 4, 0, 100.0, plain))
+    sel.observe_step(StepRecord(4, 4, 0, 100.0, 20 * plain))  # settling: the mean of 1 and at most SPIKE
+    assert sel.clock(4).ratio["plain"] == pytest.approx((1 + SPIKE) / 2)
+    sel = AutoTetris(max_depth=2, cost=model)
     for _ in range(2 * SETTLED):
         sel.observe_step(StepRecord(4, 4, 0, 100.0, plain))
     sel.observe_step(StepRecord(4, 4, 0, 100.0, 20 * plain))  # the host stalled this step
-    assert 1.0 < sel.clock(4).ratio["plain"] <= 1 + (SPIKE - 1) / SETTLED + 1e-9
-    for _ in range(40):  # from here on the host runs plain steps 1.6x slower
+    assert 1.0 < sel.clock(4).ratio["plain"] <= 1 + (SPIKE_SETTLED - 1) / SETTLED + 1e-9
+    for _ in range(4):  # a slow spell of a few steps moves it by at most SPIKE_SETTLED a step
+        sel.observe_step(StepRecord(4, 4, 0, 100.0, 2.5 * plain))
+    assert sel.clock(4).ratio["plain"] < 1.05
+    for _ in range(100):  # from here on the host runs plain steps 1.6x slower
         sel.observe_step(StepRecord(4, 4, 0, 100.0, 1.6 * plain))
     assert sel.clock(4).ratio["plain"] > 1.45

@@ -373,11 +373,18 @@ LEARN_EVERY = 32  # speculative steps whose outcomes are learned from in one go 
 WARMUP_LEARN_EVERY = 4  # ... and while the estimator warms up (its first outcomes move it most)
 RATIO_DRIFT = 0.001  # per step past 16 in a row of one kind: the other kind's clock ratios toward it
 SETTLED = 20  # a clock ratio is the mean of its first this many timings, then an EMA of weight 1 / SETTLED
-# One timing counts as at most this many times the kind's ratio so far (and at least its inverse). On session
-# 20's VM, steps of about 100 ms stalled for 0.3-1.3 s every few dozen steps, at random; each such timing,
-# counted in full (up to 8x), moved a settled ratio by up to 35%, and auto's choices at c = 1 swung with it.
-# A real change of pace still comes through: a host 1.6x slower is followed within about 40 steps.
+# While a kind settles, one timing counts as at most this many times its ratio so far (and at least the
+# inverse). On session 20's VM, steps of about 100 ms stalled for 0.3-1.3 s every few dozen steps, at random;
+# each such timing, counted in full (up to 8x), moved a settled ratio by up to 35%, and auto's choices at
+# c = 1 swung with it.
 SPIKE = 1.5
+# ... and once the kind has been timed SETTLED times, at most this many times. Slow spells last dozens of steps
+# (session 21, batch 1: 50 verifies at 0.9-2.6x their usual time) and each kind is timed only when it runs:
+# counted at up to 1.5x, one spell during a run of speculative steps took the verify ratio from 0.95 to 1.07,
+# over a plain ratio of 0.99 timed outside it, and auto decoded plainly for 64 steps (until a probe) where
+# drafting was 12% ahead; replayed at 1.1, the verify ratio stays at 0.97. A host 1.6x slower is followed
+# within about 100 steps.
+SPIKE_SETTLED = 1.1
 # A verify size's correction (StepClock.shape) starts as this many timings of 1.0: a size is chosen only while it
 # pays, so one first timing in a slow spell, counted in full, could price it out for good.
 SHAPE_PRIOR = 4
@@ -660,20 +667,22 @@ class AutoTetris(Selector):
                       self.cost.target_time(B, self._padded(record.tokens), s))]
         source = "plain" if record.depth == 0 else "verify"
         before, timed = r[source], {}
+        size = verify_bucket(record.tokens - B)
         for kind, measured, predicted in parts:
             n = clock.counts.get(kind, 0)
             ratio = min(max(measured / predicted, 0.25), 8.0)
             if n:  # a stall of the host (one step at 10-25x its usual time) moves the ratio by at most SPIKE
-                ratio = min(max(ratio, r[kind] / SPIKE), SPIKE * r[kind])
+                spike = SPIKE if n < SETTLED else SPIKE_SETTLED
+                expected = r[kind] * (clock.shape.get(size, 1.0) if kind == "verify" else 1.0)
+                ratio = min(max(ratio, expected / spike), spike * expected)
             weight = max(1 / SETTLED, 1.0 / (n + 1))  # the mean of the timings here; the prior only until the first
             r[kind] = (1 - weight) * r[kind] + weight * ratio
             clock.counts[kind], timed[kind] = n + 1, ratio
         if record.depth:  # this verify's size against verifies of every size (the ratio just updated)
-            b = verify_bucket(record.tokens - B)
-            n = clock.shape_counts.get(b, 0)
+            n = clock.shape_counts.get(size, 0)
             weight = max(1 / SETTLED, 1.0 / (n + 1 + SHAPE_PRIOR))
-            clock.shape[b] = (1 - weight) * clock.shape.get(b, 1.0) + weight * timed["verify"] / r["verify"]
-            clock.shape_counts[b] = n + 1
+            clock.shape[size] = (1 - weight) * clock.shape.get(size, 1.0) + weight * timed["verify"] / r["verify"]
+            clock.shape_counts[size] = n + 1
         for kind in r.keys() - clock.counts.keys():  # not timed here yet: moves as the timed kind did
             r[kind] *= r[source] / before
 
