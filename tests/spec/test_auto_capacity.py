@@ -483,6 +483,21 @@ def test_each_verify_size_is_priced_at_its_own_timings():
     assert 1.0 < sel.clock(8).shape[4] <= 1 + (SPIKE_SETTLED - 1) / (1 + SHAPE_PRIOR) + 1e-9
 
 
+def test_a_verify_size_is_priced_no_dearer_than_the_mean_until_it_is_settled():
+    """A size is timed only when chosen: priced out by a few slow first timings, it would never be tried again."""
+    model = cost(per_token=0.002, fixed=0.05, draft=0.006)
+    sel = AutoTetris(max_depth=2, cost=model)
+    draft_t, t8, t9 = model.draft_time(8, 100.0), model.target_time(8, 8, 100.0), model.target_time(8, 9, 100.0)
+    for _ in range(50):
+        sel.observe_step(StepRecord(8, 8, 1, 100.0, t8 + draft_t, draft_t))
+    for i in range(SETTLED):  # 1-draft verifies at 1.4x
+        sel.observe_step(StepRecord(8, 9, 1, 100.0, 1.4 * t9 + draft_t, draft_t))
+        rv, shape = sel.clock(8).ratio["verify"], sel.clock(8).shape[1]
+        if i < SETTLED - 1:
+            assert shape > 1.0 and sel.prices(8, 100.0).verify[1] == pytest.approx(rv * t9)
+    assert sel.prices(8, 100.0).verify[1] == pytest.approx(rv * shape * t9) and rv * shape > 1.2
+
+
 def test_a_draft_is_verified_where_its_verify_costs_less_than_profiled():
     """At batch 1 the profile charges a 1-draft verify 10% over a plain forward and the host runs it 5% over
     (both measured as verifies): a draft of estimate ~0.075 pays for that, not for the profiled 10%. One

@@ -258,6 +258,13 @@ class StepClock:
     shape: dict[int, float] = field(default_factory=dict)
     shape_counts: dict[int, int] = field(default_factory=dict)
 
+    def priced_shape(self) -> dict[int, float]:
+        """The size corrections prices use: a size timed fewer than SETTLED times is priced no dearer than
+        the mean verify. A size is timed only when it is chosen, so one priced out by its first timings (two
+        1-draft verifies at batch 1 in a slow spell, 2.1x) was never chosen again, and auto drafted one
+        level and verified nothing on 208 of 560 steps."""
+        return {b: s if self.shape_counts[b] >= SETTLED else min(s, 1.0) for b, s in self.shape.items()}
+
 
 def verify_bucket(drafts: int) -> int:
     """Size bucket of a verify of this many drafts on top of the batch: 0, 1, 2, 3-4, 5-8, ..."""
@@ -446,7 +453,7 @@ class AutoTetris(Selector):
             # at batch 1 ran at 0.93x its profiled time, of none at 1.0x; one ratio for all of them priced the
             # draft's verification at twice what it cost, and auto verified nothing on a third of its steps
             # where fixed k=1, verifying every draft, was 3.7% faster.
-            rv, shape = r["verify"], clock.shape
+            rv, shape = r["verify"], clock.priced_shape()
             verify = [rv * shape.get(verify_bucket(c), 1.0) * max(a + mean_len * b, 1e-6)
                       for c, (a, b) in enumerate(zip(*line))]  # plain Python, see _best_capacity
             plain = r["plain"] * self.cost.target_time(batch_size, batch_size, mean_len)
