@@ -43,7 +43,10 @@ def concurrency(folder: str = "concurrency_cpu") -> None:
     if not p.exists():
         return
     rows = json.loads(p.read_text())
+    add_stall_clipped(rows, R / folder)
     for key, title in (("decode_tokens_per_s", "measured decode tokens/s (decode steps' wall time)"),
+                       ("clipped_decode_tokens_per_s", "measured decode tokens/s, stalls clipped (interleave."
+                        "stall_clipped_seconds, from the saved steps)"),
                        ("modelled_decode_tokens_per_s", "modelled decode tokens/s (profiled step times)"),
                        ("tokens_per_s", "measured output tokens/s (prefill included)")):
         if not any(key in r for r in rows):
@@ -64,12 +67,33 @@ def concurrency(folder: str = "concurrency_cpu") -> None:
               f"on {cal['scored']} outcomes")
 
 
+def add_stall_clipped(rows: list[dict], folder: Path) -> None:
+    """clipped_decode_tokens_per_s for every row whose concurrency's steps were saved (steps_c<C>.json)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from interleave import stall_clipped_seconds
+
+    from tetrispec.spec.cost_model import StepRecord
+
+    for c in {r["concurrency"] for r in rows}:
+        steps = folder / f"steps_c{c}.json"
+        if not steps.exists():
+            continue
+        runs = json.loads(steps.read_text())
+        for r in rows:
+            if r["concurrency"] == c and r["method"] in runs:
+                trace = [StepRecord(*x) for x in runs[r["method"]]["trace"]]
+                wall = sum(x.seconds for x in trace)
+                r["clipped_decode_tokens_per_s"] = r["decode_tokens_per_s"] * wall / stall_clipped_seconds(trace)
+
+
 def gaps(folders: str, key: str = "decode_tokens_per_s") -> None:
     """Each method against the best of the others, per concurrency, over several sweeps (folders
     joined by commas): mean, lowest and highest gap in percent, and in how many sweeps it was at
     least the best. A sweep's cell is noisy at the 1% level (engines doing identical steps differ by
     that much), so one sweep cannot separate methods closer than that; several can."""
     runs = [json.loads((R / f / "results.json").read_text()) for f in folders.split(",")]
+    for f, rows in zip(folders.split(","), runs):
+        add_stall_clipped(rows, R / f)
     methods = list(dict.fromkeys(r["method"] for r in runs[0]))
     cs = sorted({r["concurrency"] for r in runs[0]})
     print(f"{len(runs)} sweeps ({folders}); {key}: gap to the best other method, mean [lowest, highest] %, "
