@@ -70,8 +70,8 @@ class Tally:
     decode_seconds: float = 0.0
     modelled_seconds: float = 0.0
     stats: SpecStats = field(default_factory=SpecStats)
-    # every step as it ran: (start, seconds from the run's start; its step_trace index, -1 for a prefill),
-    # which lines a slow spell up across methods
+    # every step as it ran: (its start in seconds from the run's start, its seconds, its step_trace index or
+    # -1 for a prefill), which lines a slow spell up across methods
     timeline: list[tuple[float, float, int]] = field(default_factory=list)
 
     def summary(self) -> dict:

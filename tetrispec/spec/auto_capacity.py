@@ -389,7 +389,7 @@ SPIKE = 1.5
 # (session 21, batch 1: 50 verifies at 0.9-2.6x their usual time) and each kind is timed only when it runs:
 # counted at up to 1.5x, one spell during a run of speculative steps took the verify ratio from 0.95 to 1.07,
 # over a plain ratio of 0.99 timed outside it, and auto decoded plainly for 64 steps (until a probe) where
-# drafting was 12% ahead; replayed at 1.1, the verify ratio stays at 0.97. A host 1.6x slower is followed
+# drafting was about 12% ahead; replayed at 1.1, the verify ratio stays at 0.97. A host 1.6x slower is followed
 # within about 100 steps.
 SPIKE_SETTLED = 1.1
 # A verify size's correction (StepClock.shape) starts as this many timings of 1.0: a size is chosen only while it
@@ -452,7 +452,7 @@ class AutoTetris(Selector):
             # Each size of verify at its own bucket's correction (StepClock.shape): on one VM a verify of 1 draft
             # at batch 1 ran at 0.93x its profiled time, of none at 1.0x; one ratio for all of them priced the
             # draft's verification at twice what it cost, and auto verified nothing on a third of its steps
-            # where fixed k=1, verifying every draft, was 3.7% faster.
+            # where fixed k=1, verifying every draft, was 3.3% faster.
             rv, shape = r["verify"], clock.priced_shape()
             verify = [rv * shape.get(verify_bucket(c), 1.0) * max(a + mean_len * b, 1e-6)
                       for c, (a, b) in enumerate(zip(*line))]  # plain Python, see _best_capacity
