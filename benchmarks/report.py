@@ -68,8 +68,8 @@ def concurrency(folder: str = "concurrency_cpu") -> None:
 
 
 def add_stall_clipped(rows: list[dict], folder: Path) -> None:
-    """clipped_decode_tokens_per_s for every row whose concurrency's steps were saved (steps_c<C>.json)."""
-    sys.path.insert(0, str(Path(__file__).parent))
+    """clipped_decode_tokens_per_s for every row whose concurrency's steps were saved (steps_c<C>.json).
+    interleave (beside this script, so on the path) brings in the engine: imported here, only when needed."""
     from interleave import stall_clipped_seconds
 
     from tetrispec.spec.cost_model import StepRecord
