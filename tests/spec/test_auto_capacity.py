@@ -522,6 +522,10 @@ def _near_tie(plain_ratio: float, drafting_first: bool, steps: int = 30) -> list
     """Depths chosen at batch 8 where the profile puts drafting a few percent ahead of plain decoding
     (or behind, drafting_first=False), when plain steps run at plain_ratio x the profile and speculative
     steps as profiled; each step's record follows the depth chosen."""
+    if not drafting_first:  # within EXPLORE_MARGIN behind
+        sel = AutoTetris(max_depth=2, cost=cost(per_token=0.004, fixed=0.05, draft=0.016))
+        rates = sel._drafting_rate(BatchInfo(8, 100), [0.0] * 8, sel.prices(8, 100.0), 1.0)[0], 8 / 0.082
+        assert 1 - EXPLORE_MARGIN < rates[0] / rates[1] < 1
     model = cost(per_token=0.004, fixed=0.05, draft=0.008 if drafting_first else 0.016)
     sel = AutoTetris(max_depth=2, cost=model, probe_every=10**6)  # no probes: only exploration times both
     batch = BatchInfo(8, 100)
@@ -541,14 +545,16 @@ def test_near_a_tie_the_kind_of_step_not_yet_timed_is_tried():
     # drafting ahead by the profile: after 8 speculative steps, plain steps are timed 4 times
     assert _near_tie(1.0, True) == [2] * 8 + [0] * 4 + [2] * 18  # as profiled: drafting stays ahead
     assert _near_tie(0.85, True) == [2] * 8 + [0] * 22  # plain decoding runs faster here than profiled
-    # plain ahead by the profile: drafting is left to probes (a few drafting steps would pay every
-    # running prompt's catch-up), which this selector never makes
-    assert _near_tie(1.0, False) == [0] * 30
+    # plain ahead by the profile: after 8 plain steps, drafting is timed 4 times (probes, which draft for
+    # PROBE_ROWS sequences, would not time the verify drafting runs at; this selector makes none)
+    assert _near_tie(1.0, False) == [0] * 8 + [2] * 4 + [0] * 18  # as profiled: plain decoding stays ahead
+    assert _near_tie(1.15, False) == [0] * 8 + [2] * 22  # plain steps run slower here than profiled
 
 
-def test_near_a_tie_plain_steps_are_timed_again_now_and_then():
-    # after every REEXPLORE_AFTER speculative steps in a row, one plain step (while within EXPLORE_MARGIN)
+def test_near_a_tie_the_losing_kind_is_timed_again_now_and_then():
+    # after every REEXPLORE_AFTER steps of the winner in a row, one of the loser (while within EXPLORE_MARGIN)
     assert _near_tie(1.0, True, 160) == [2] * 8 + [0] * 4 + ([2] * REEXPLORE_AFTER + [0]) * 2 + [2] * 18
+    assert _near_tie(1.0, False, 160) == [0] * 8 + [2] * 4 + ([0] * REEXPLORE_AFTER + [2]) * 2 + [0] * 18
 
 
 def test_far_from_a_tie_nothing_is_explored():
