@@ -31,7 +31,7 @@ from tetrispec.spec.cost_model import CostModel, StepRecord
 def simulated(cost: CostModel, record: StepRecord) -> StepRecord:
     """The step as the profiled host would have timed it."""
     target = cost.target_time(record.batch_size, record.tokens, record.mean_len)
-    draft = record.depth * cost.draft_time(record.draft_rows or record.batch_size, record.mean_len)
+    draft = cost.drafting_time(record)
     catch_up = cost.catch_up_time(record.catch_up_tokens)
     return record._replace(seconds=target + draft + catch_up, draft_seconds=draft, catch_up_seconds=catch_up)
 

@@ -715,3 +715,26 @@ def test_a_stalled_step_moves_the_clock_little_and_a_slower_host_is_still_follow
     for _ in range(100):  # from here on the host runs plain steps 1.6x slower
         sel.observe_step(StepRecord(4, 4, 0, 100.0, 1.6 * plain))
     assert sel.clock(4).ratio["plain"] > 1.45
+
+
+def test_the_first_draft_forward_is_priced_at_the_lags_it_reads():
+    """The first draft forward of a step reads each request's short lag too (2 tokens a request after a fully
+    accepted draft), the deeper ones one token a request. Timed at the profile's price for those token counts,
+    the draft runs as profiled; priced at one token a request for every level, it looked 1.2x slower here (and
+    1.45x at c = 8 on session 22's host, where the deeper levels ran at 1.12x) and priced a second level so."""
+    model = CostModel.linear(0.05, 0.004, draft_fixed=0.002, draft_per_seq=0.001)
+    t, d1, d2 = model.target_time(8, 24, 100.0), model.draft_time(16, 100.0), model.draft_time(8, 100.0)
+    record = StepRecord(8, 24, 2, 100.0, t + d1 + d2, d1 + d2, 0.0, 0, 8.0, (16, 8))
+    assert model.drafting_time(record) == pytest.approx(d1 + d2)
+    assert model.drafting_time(record._replace(draft_tokens=())) == pytest.approx(2 * d2)  # unknown: rows only
+    sel = AutoTetris(max_depth=2, cost=model)
+    for _ in range(30):
+        sel.observe_step(record)
+    assert sel.clock(8).ratio["draft"] == pytest.approx(1.0)
+    # and drafting is priced so: reading lags makes it dearer, by the first forward's extra tokens only
+    price = sel.prices(8, 100.0)
+    sel.level_means = [0.9, 0.0]  # one level, verified in full, is the best option
+    fresh = sel._drafting_rate(BatchInfo(8, 100.0, lags=(0,) * 8), [0.0] * 8, price, 1.0)[0]
+    lagging = sel._drafting_rate(BatchInfo(8, 100.0, lags=(1,) * 8), [1.0] * 8, price, 1.0)[0]
+    assert fresh == pytest.approx((8 + 8 * 0.9) / (d2 + price.verify[8]))
+    assert lagging == pytest.approx((8 + 8 * 0.9) / (d1 + price.verify[8]))

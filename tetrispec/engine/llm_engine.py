@@ -219,7 +219,8 @@ class LLMEngine:
             # the results were read back (tolist), so the clock covers the device's work too
             record = StepRecord(len(seqs), tokens, depth, info.mean_len, time.perf_counter() - start, draft_seconds,
                                 proposal.catch_up_seconds if proposal else 0.0,
-                                proposal.catch_up_tokens if proposal else 0, proposal.mean_rows if proposal else 0.0)
+                                proposal.catch_up_tokens if proposal else 0, proposal.mean_rows if proposal else 0.0,
+                                proposal.level_tokens if proposal else ())
             self.selector.observe_step(record)
             if self.step_trace is not None:
                 self.step_trace.append(record)

@@ -266,6 +266,12 @@ class StepClock:
         return {b: s if self.shape_counts[b] >= SETTLED else min(s, 1.0) for b, s in self.shape.items()}
 
 
+def first_forward_tokens(lag: float) -> float:
+    """Query tokens a sequence with this lag adds to the first draft forward: its lag and its last token
+    (a lag too long to read inline gets a forward of its own first; see proposer.INLINE_CATCH_UP)."""
+    return lag + 1 if lag < INLINE_CATCH_UP else 1
+
+
 def verify_bucket(drafts: int) -> int:
     """Size bucket of a verify of this many drafts on top of the batch: 0, 1, 2, 3-4, 5-8, ..."""
     return (drafts - 1).bit_length() + 1 if drafts else 0
@@ -589,7 +595,9 @@ class AutoTetris(Selector):
         catch_up = [draft_ratio * self.cost.catch_up_time(lag) if lag > INLINE_CATCH_UP else 0.0 for lag in lags]
         means = list(itertools.accumulate(self.level_means))  # expected accepted drafts per sequence, to depth d
         order = sorted(range(B), key=lambda i: catch_up[i] / max(remaining[i], 1.0))
-        draft = price.draft(np.arange(1, B + 1)).tolist()  # one draft forward over the m cheapest to catch up on
+        # the first draft forward over the m cheapest to catch up on (it also reads their short lags), a deeper one
+        first = price.draft(np.fromiter(itertools.accumulate(first_forward_tokens(lags[i]) for i in order), float))
+        first, deeper = first.tolist(), price.draft(np.arange(1, B + 1)).tolist()
         verify = price.verify
         best, best_m, spread_one = 0.0, B, []
         for d in range(1, self.max_depth + 1):
@@ -599,14 +607,14 @@ class AutoTetris(Selector):
                 spread.append(total)
             spread_one = spread_one or spread  # drafting one level
             for m in range(1, B + 1):
-                rate = (B + m * means[d - 1]) / (spread[m - 1] + d * draft[m - 1] + verify[m * d])
+                rate = (B + m * means[d - 1]) / (spread[m - 1] + first[m - 1] + (d - 1) * deeper[m - 1] + verify[m * d])
                 if rate > best:
                     best, best_m = rate, m
         # One level, of which select verifies only the best: a typical batch of first drafts, priced
         # the way select prices the real ones. (Verifying all of them undersells drafting where only
         # the confident part pays: at high batch, verified tokens are dear.)
         for n in sorted({best_m, B}):
-            fixed = spread_one[n - 1] + draft[n - 1]
+            fixed = spread_one[n - 1] + first[n - 1]
             rate = _best_capacity(self.estimator.typical_first_estimates(n), B, fixed, verify)[1]
             if rate > best:
                 best, best_m = rate, n
@@ -683,7 +691,7 @@ class AutoTetris(Selector):
         if record.depth == 0:
             parts = [("plain", record.seconds, self.cost.target_time(B, record.tokens, s))]
         else:
-            parts = [("draft", record.draft_seconds, record.depth * self.cost.draft_time(record.draft_rows or B, s)),
+            parts = [("draft", record.draft_seconds, self.cost.drafting_time(record)),
                      ("verify", record.seconds - record.draft_seconds - record.catch_up_seconds,
                       self.cost.target_time(B, self._padded(record.tokens), s))]
         source = "plain" if record.depth == 0 else "verify"
@@ -737,11 +745,13 @@ class AutoTetris(Selector):
             return None
         B = batch.batch_size
         price = self.prices(B, batch.mean_len)  # the clock moves only between steps
+        first = price.draft(self._first_forward_tokens(batch, self.rows))
 
         def decide(logprobs: torch.Tensor) -> list[bool]:  # [rows drafted for, j] drafted so far
             m, j = logprobs.shape
             q, cum = self._running_estimates(logprobs)
-            capacity, rate = _best_capacity([c for row in cum for c in row], B, j * price.draft(m), price.verify)
+            capacity, rate = _best_capacity([c for row in cum for c in row], B, first + (j - 1) * price.draft(m),
+                                            price.verify)
             # marginal verify time per token over the next m tokens (a whole next level)
             threshold = rate * (price.verify[capacity + m] - price.verify[capacity]) / m
             best = self.estimator.best_estimate(j)
@@ -761,20 +771,30 @@ class AutoTetris(Selector):
     def select(self, draft_logprobs: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
         B, K = draft_logprobs.shape
         q, cum = self._running_estimates(draft_logprobs)
-        drafted = [row for p, row in zip(q, cum) if p[0] > 0]  # rows a probe left out have q = 0 (Proposal.scatter)
+        rows = [i for i, p in enumerate(q) if p[0] > 0]  # rows a probe left out have q = 0 (Proposal.scatter)
+        drafted = [cum[i] for i in rows]
         for j in range(K):
             self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * sum(row[j] for row in drafted) / len(drafted)
         if K < self.max_depth:
             self._project_levels(K)
         price = self.prices(B, batch.mean_len)
         scores = [cum[n % B][n // B] for n in range(B * K)]  # position-major, as tetris_select ranks
-        capacity, _ = _best_capacity(scores, B, K * price.draft(len(drafted)), price.verify)
+        drafting = price.draft(self._first_forward_tokens(batch, rows)) + (K - 1) * price.draft(len(drafted))
+        capacity, _ = _best_capacity(scores, B, drafting, price.verify)
         self.last_capacity = capacity
         # the same stable order as tetris_select: prefixes, ties to shallow
         lengths = [0] * B
         for n in sorted(range(B * K), key=lambda n: -scores[n])[:capacity]:
             lengths[n % B] += 1
         return torch.tensor(lengths)
+
+    @staticmethod
+    def _first_forward_tokens(batch: BatchInfo, rows: list[int] | None) -> float:
+        """Query tokens of this step's first draft forward over `rows` (None: all); short lags unknown: none."""
+        if not batch.lags:
+            return float(batch.batch_size if rows is None else len(rows))
+        lags = batch.lags if rows is None else [batch.lags[i] for i in rows]
+        return float(sum(first_forward_tokens(lag) for lag in lags))
 
     def _project_levels(self, drafted: int) -> None:
         """Levels past the deepest drafted have no fresh means of their own: the estimator's projection

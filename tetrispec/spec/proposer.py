@@ -38,6 +38,9 @@ class Proposal:
     catch_up_seconds: float = 0.0  # wall time of the separate catch-up forward (long lags), if any
     catch_up_tokens: int = 0  # tokens that forward fed
     deciding_seconds: float = 0.0  # host time of the keep-going decisions between the draft forwards
+    # query tokens of each draft forward: the first also reads each request's short lag (the last step's
+    # bonus token, and its last accepted draft), so it runs more rows than the requests drafted for
+    level_tokens: tuple[int, ...] = ()
 
     @property
     def depth(self) -> int:
@@ -62,7 +65,7 @@ class Proposal:
         for r, d in zip(rows, self.drafted):
             drafted[r] = d
         return Proposal(tokens, logprobs, probs, drafted, self.catch_up_seconds, self.catch_up_tokens,
-                        self.deciding_seconds)
+                        self.deciding_seconds, self.level_tokens)
 
 
 INLINE_CATCH_UP = 8  # lag (tokens) the first draft forward absorbs; longer lags are fed first
@@ -102,8 +105,9 @@ class DraftProposer:
         tokens = torch.zeros(B, depth, dtype=torch.long, device=device)
         probs = None
         drafted = [0] * B
-        deciding_seconds = 0.0
+        deciding_seconds, level_tokens = 0.0, []
         for j in range(depth):
+            level_tokens.append(sum(len(item.tokens) for item in items))
             sub = [seqs[i] for i in active]
             index = slice(None) if len(active) == B else torch.tensor(active, device=device)
             if greedy and not penalized:
@@ -146,7 +150,7 @@ class DraftProposer:
         for s, d in zip(seqs, drafted):
             s.num_draft_cached = s.num_tokens + d - 1
         return Proposal(tokens[:, :K], logprobs[:, :K], None if probs is None else probs[:, :K], drafted,
-                        catch_up_seconds, catch_up_tokens, deciding_seconds)
+                        catch_up_seconds, catch_up_tokens, deciding_seconds, tuple(level_tokens))
 
     @staticmethod
     def _confidence(logits: torch.Tensor, q: torch.Tensor, x: torch.Tensor, params) -> torch.Tensor:
