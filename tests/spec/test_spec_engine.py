@@ -93,7 +93,8 @@ def test_tetris_respects_capacity(tiny_pair, monkeypatch):
     # each draft forward's query tokens: a deeper one reads one token per request still drafting, the first
     # also each request's short lag (the bonus token after a fully accepted draft), so at least its rows
     first_rows = [t.draft_rows * t.depth - sum(t.draft_tokens[1:]) for t in spec_steps]
-    assert all(len(t.draft_tokens) == t.depth and max(t.draft_tokens[1:], default=0) <= t.batch_size for t in spec_steps)
+    assert all(len(t.draft_tokens) == t.depth for t in spec_steps)
+    assert all(max(t.draft_tokens[1:], default=0) <= t.batch_size for t in spec_steps)
     assert all(t.draft_tokens[0] >= rows for t, rows in zip(spec_steps, first_rows))
     assert any(t.draft_tokens[0] > rows for t, rows in zip(spec_steps, first_rows))
     # confident requests get longer windows than others: not every step is plain fixed-k
