@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tetrispec.spec.auto_capacity import (
+    EXPLORE_AFTER,
     EXPLORE_MARGIN,
     PROBE_BUDGET,
     PROBE_ROWS,
@@ -17,6 +18,7 @@ from tetrispec.spec.auto_capacity import (
     SHAPE_PRIOR,
     SPIKE,
     SPIKE_SETTLED,
+    SWITCH_MARGIN,
     AcceptanceEstimator,
     AutoTetris,
     _best_capacity,
@@ -738,3 +740,20 @@ def test_the_first_draft_forward_is_priced_at_the_lags_it_reads():
     lagging = sel._drafting_rate(BatchInfo(8, 100.0, lags=(1,) * 8), [1.0] * 8, price, 1.0)[0]
     assert fresh == pytest.approx((8 + 8 * 0.9) / (d2 + price.verify[8]))
     assert lagging == pytest.approx((8 + 8 * 0.9) / (d1 + price.verify[8]))
+
+
+def test_drafting_resumes_with_a_catch_up_to_pay_only_when_clearly_ahead(monkeypatch):
+    """After plain steps, drafting that must first read a long lag (paid at once, priced spread over the output
+    left) resumes only when predicted SWITCH_MARGIN faster; with nothing to catch up on, as soon as it is ahead."""
+    model = cost(per_token=0.004, fixed=0.05, draft=0.008)
+    plain_rate = 8 / model.target_time(8, 8, 100.0)
+
+    def first_choice(lead: float, lag: int) -> int:
+        sel = AutoTetris(max_depth=2, cost=model, probe_every=10**6)
+        sel.clock(8).plain_run, sel.clock(8).counts = 5, {"plain": 5, "verify": EXPLORE_AFTER}  # nothing to explore
+        monkeypatch.setattr(sel, "_drafting_rate", lambda *a: (lead * plain_rate, None))
+        return sel.depth(BatchInfo(8, 100.0, lags=(lag,) * 8))
+
+    assert first_choice(1 + SWITCH_MARGIN / 2, INLINE_CATCH_UP + 1) == 0
+    assert first_choice(1 + 2 * SWITCH_MARGIN, INLINE_CATCH_UP + 1) == 2
+    assert first_choice(1 + SWITCH_MARGIN / 2, 1) == 2

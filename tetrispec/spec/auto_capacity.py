@@ -372,6 +372,7 @@ class StepPrices:
         return self.draft_ratio * self.cost.draft_time(rows, self.mean_len)
 
 
+SWITCH_MARGIN = 0.03  # drafting after plain steps, with a catch-up to pay, must be predicted this much faster
 EXPLORE_MARGIN = 0.1  # plain steps predicted within this of drafting are timed before they are ruled out
 EXPLORE_STEPS = 4  # ... for this many steps, once speculative steps have been timed EXPLORE_AFTER times
 EXPLORE_AFTER = 8
@@ -547,7 +548,11 @@ class AutoTetris(Selector):
         # other keeps winning narrowly (_explore).
         if drafting > plain and self._explore(clock, "plain", plain / drafting):
             return 0
-        if drafting > plain or self._explore(clock, "verify", drafting / plain):
+        # Turning drafting back on after plain steps pays the draft's catch-up at once, priced as spread over the
+        # output left; near a tie the clocks' noise turned it off again a step later, and the catch-up was paid
+        # for nothing (run AJ, c = 16: twice in 30 steps, 500-900 prompt tokens each, about 100 ms a time).
+        paying = clock.plain_run > 0 and any(lags[i] > INLINE_CATCH_UP for i in (range(B) if rows is None else rows))
+        if drafting > plain * (1 + SWITCH_MARGIN * paying) or self._explore(clock, "verify", drafting / plain):
             self.steps_without_draft = 0
             self.plain_seconds = 0.0
             if drafting > plain:
