@@ -12,6 +12,7 @@ from tetrispec.spec.auto_capacity import (
     PROBE_BUDGET,
     PROBE_ROWS,
     REEXPLORE_AFTER,
+    REEXPLORE_BUDGET,
     REUSE_MAX,
     REUSE_STEPS,
     SETTLED,
@@ -757,3 +758,25 @@ def test_drafting_resumes_with_a_catch_up_to_pay_only_when_clearly_ahead(monkeyp
     assert first_choice(1 + SWITCH_MARGIN / 2, INLINE_CATCH_UP + 1) == 0
     assert first_choice(1 + 2 * SWITCH_MARGIN, INLINE_CATCH_UP + 1) == 2
     assert first_choice(1 + SWITCH_MARGIN / 2, 1) == 2
+
+
+def test_drafting_is_timed_again_only_when_its_catch_up_is_cheap_next_to_the_plain_steps_since():
+    """Re-timing drafting after REEXPLORE_AFTER plain steps pays the catch-up on all of them: it waits until that
+    costs at most REEXPLORE_BUDGET of the plain decoding time since drafting last ran."""
+    model = CostModel.linear(0.05, 0.004, draft_fixed=0.016, draft_prefill=0.0005)
+    plain_time = model.target_time(8, 8, 100.0)
+
+    def choice(lag: int) -> int:
+        sel = AutoTetris(max_depth=2, cost=model, probe_every=10**6)
+        clock = sel.clock(8)
+        clock.plain_run, clock.counts = REEXPLORE_AFTER, {"plain": REEXPLORE_AFTER, "verify": EXPLORE_AFTER}
+        sel.plain_seconds = REEXPLORE_AFTER * plain_time
+        batch = BatchInfo(8, 100.0, lags=(lag,) * 8, remaining=40, remainings=(40.0,) * 8)
+        rate = sel._drafting_rate(batch, [float(lag)] * 8, sel.prices(8, 100.0), 1.0)[0]
+        assert 1 - EXPLORE_MARGIN < rate * plain_time / 8 < 1  # near a tie, behind: only exploring drafts
+        return sel.depth(batch)
+
+    affordable = int(REEXPLORE_BUDGET * REEXPLORE_AFTER * plain_time / model.draft_prefill / 8)
+    assert affordable > INLINE_CATCH_UP
+    assert choice(affordable - 1) == 2
+    assert choice(affordable * 2) == 0

@@ -377,6 +377,7 @@ EXPLORE_MARGIN = 0.1  # plain steps predicted within this of drafting are timed 
 EXPLORE_STEPS = 4  # ... for this many steps, once speculative steps have been timed EXPLORE_AFTER times
 EXPLORE_AFTER = 8
 REEXPLORE_AFTER = 64  # ... and once more after this many speculative steps in a row
+REEXPLORE_BUDGET = 0.01  # re-timing drafting: its catch-up at most this fraction of the plain time since it ran
 PROBE_BUDGET = 0.03  # probes may cost at most this fraction of the plain decoding time between them
 # A probe drafts for this many sequences, those the draft has read the most of. Its price is mostly their
 # catch-up: with 4, probes were 0.8-1.3% of plain decoding's time at c = 8 (modelled) and found nothing to
@@ -551,8 +552,13 @@ class AutoTetris(Selector):
         # Turning drafting back on after plain steps pays the draft's catch-up at once, priced as spread over the
         # output left; near a tie the clocks' noise turned it off again a step later, and the catch-up was paid
         # for nothing (run AJ, c = 16: twice in 30 steps, 500-900 prompt tokens each, about 100 ms a time).
-        paying = clock.plain_run > 0 and any(lags[i] > INLINE_CATCH_UP for i in (range(B) if rows is None else rows))
-        if drafting > plain * (1 + SWITCH_MARGIN * paying) or self._explore(clock, "verify", drafting / plain):
+        chosen = range(B) if rows is None else rows
+        paying = clock.plain_run > 0 and any(lags[i] > INLINE_CATCH_UP for i in chosen)
+        # Re-timing drafting pays the catch-up on every plain step since it last ran (B tokens a step): at c = 32 one
+        # re-timing after 64 plain steps read 3,319 tokens, about 0.9% of the run, so it waits for its budget.
+        catch_up = r["draft"] * self.cost.catch_up_time(sum(lags[i] for i in chosen if lags[i] > INLINE_CATCH_UP))
+        again = catch_up <= REEXPLORE_BUDGET * self.plain_seconds
+        if drafting > plain * (1 + SWITCH_MARGIN * paying) or self._explore(clock, "verify", drafting / plain, again):
             self.steps_without_draft = 0
             self.plain_seconds = 0.0
             if drafting > plain:
@@ -626,7 +632,7 @@ class AutoTetris(Selector):
         return best, (None if best_m == B else sorted(order[:best_m]))
 
     @staticmethod
-    def _explore(clock: StepClock, loser: str, closeness: float) -> bool:
+    def _explore(clock: StepClock, loser: str, closeness: float, again: bool = True) -> bool:
         """Run the kind of step predicted to lose by less than EXPLORE_MARGIN (loser: "plain" or "verify";
         closeness: its rate over the winner's) once the winner has been timed EXPLORE_AFTER times here:
         until the loser has been timed EXPLORE_STEPS times, and for one step after every REEXPLORE_AFTER
@@ -635,11 +641,12 @@ class AutoTetris(Selector):
         is not seen otherwise. Drafting was left to probes once, as a few drafting steps pay the catch-up
         on every running prompt; but probes draft for two sequences and verified nothing at batch 16,
         where full-level verifies ran at 1.09x the profile and plain steps at 1.16x, and auto decoded
-        plainly while fixed k=1 was 1.5% faster (run AG). The catch-up is in the price compared."""
+        plainly while fixed k=1 was 1.5% faster (run AG). The catch-up is in the price compared.
+        again: whether the loser may be re-timed now (drafting, within REEXPLORE_BUDGET)."""
         winner = "verify" if loser == "plain" else "plain"
         run = clock.spec_run if loser == "plain" else clock.plain_run
         return (clock.counts.get(winner, 0) >= EXPLORE_AFTER and closeness >= 1 - EXPLORE_MARGIN
-                and (clock.counts.get(loser, 0) < EXPLORE_STEPS or run >= REEXPLORE_AFTER))
+                and (clock.counts.get(loser, 0) < EXPLORE_STEPS or (again and run >= REEXPLORE_AFTER)))
 
     def _probe_due(self, probe_cost: float) -> bool:
         return self.steps_without_draft >= self.probe_interval and self.plain_seconds * PROBE_BUDGET >= probe_cost
