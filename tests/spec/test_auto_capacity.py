@@ -525,14 +525,13 @@ def _near_tie(plain_ratio: float, drafting_first: bool, steps: int = 30) -> list
     """Depths chosen at batch 8 where the profile puts drafting a few percent ahead of plain decoding
     (or behind, drafting_first=False), when plain steps run at plain_ratio x the profile and speculative
     steps as profiled; each step's record follows the depth chosen."""
-    if not drafting_first:  # within EXPLORE_MARGIN behind
-        sel = AutoTetris(max_depth=2, cost=cost(per_token=0.004, fixed=0.05, draft=0.016))
-        rates = sel._drafting_rate(BatchInfo(8, 100), [0.0] * 8, sel.prices(8, 100.0), 1.0)[0], 8 / 0.082
-        assert 1 - EXPLORE_MARGIN < rates[0] / rates[1] < 1
     model = cost(per_token=0.004, fixed=0.05, draft=0.008 if drafting_first else 0.016)
     sel = AutoTetris(max_depth=2, cost=model, probe_every=10**6)  # no probes: only exploration times both
     batch = BatchInfo(8, 100)
     plain_t, verify_t = model.target_time(8, 8, 100.0), model.target_time(8, 16, 100.0)
+    if not drafting_first:  # within EXPLORE_MARGIN behind
+        drafting = sel._drafting_rate(batch, [0.0] * 8, sel.prices(8, 100.0), 1.0)[0]
+        assert 1 - EXPLORE_MARGIN < drafting * plain_t / 8 < 1
     draft_t = model.draft_time(8, 100.0)
     depths = []
     for _ in range(steps):

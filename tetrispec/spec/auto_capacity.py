@@ -552,12 +552,11 @@ class AutoTetris(Selector):
         # Turning drafting back on after plain steps pays the draft's catch-up at once, priced as spread over the
         # output left; near a tie the clocks' noise turned it off again a step later, and the catch-up was paid
         # for nothing (run AJ, c = 16: twice in 30 steps, 500-900 prompt tokens each, about 100 ms a time).
-        chosen = range(B) if rows is None else rows
-        paying = clock.plain_run > 0 and any(lags[i] > INLINE_CATCH_UP for i in chosen)
+        apart = sum(lags[i] for i in (range(B) if rows is None else rows) if lags[i] > INLINE_CATCH_UP)
+        paying = clock.plain_run > 0 and apart > 0
         # Re-timing drafting pays the catch-up on every plain step since it last ran (B tokens a step): at c = 32 one
         # re-timing after 64 plain steps read 3,319 tokens, about 0.9% of the run, so it waits for its budget.
-        catch_up = r["draft"] * self.cost.catch_up_time(sum(lags[i] for i in chosen if lags[i] > INLINE_CATCH_UP))
-        again = catch_up <= REEXPLORE_BUDGET * self.plain_seconds
+        again = r["draft"] * self.cost.catch_up_time(apart) <= REEXPLORE_BUDGET * self.plain_seconds
         if drafting > plain * (1 + SWITCH_MARGIN * paying) or self._explore(clock, "verify", drafting / plain, again):
             self.steps_without_draft = 0
             self.plain_seconds = 0.0
