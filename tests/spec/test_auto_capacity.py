@@ -22,6 +22,7 @@ from tetrispec.spec.auto_capacity import (
     SWITCH_MARGIN,
     AcceptanceEstimator,
     AutoTetris,
+    StepClock,
     _best_capacity,
     best_capacity,
     reliability_table,
@@ -521,10 +522,12 @@ def test_a_draft_is_verified_where_its_verify_costs_less_than_profiled():
     assert verified(shaped=True) == 1 and verified(shaped=False) == 0
 
 
-def _near_tie(plain_ratio: float, drafting_first: bool, steps: int = 30) -> list[int]:
+def _near_tie(plain_ratio: float | list[float], drafting_first: bool, steps: int = 30) -> list[int]:
     """Depths chosen at batch 8 where the profile puts drafting a few percent ahead of plain decoding
-    (or behind, drafting_first=False), when plain steps run at plain_ratio x the profile and speculative
-    steps as profiled; each step's record follows the depth chosen."""
+    (or behind, drafting_first=False), when plain steps run at plain_ratio x the profile (a list: the
+    n-th plain step at its n-th entry, the last one after) and speculative steps as profiled; each step's
+    record follows the depth chosen."""
+    ratios = plain_ratio if isinstance(plain_ratio, list) else [plain_ratio]
     model = cost(per_token=0.004, fixed=0.05, draft=0.008 if drafting_first else 0.016)
     sel = AutoTetris(max_depth=2, cost=model, probe_every=10**6)  # no probes: only exploration times both
     batch = BatchInfo(8, 100)
@@ -539,7 +542,8 @@ def _near_tie(plain_ratio: float, drafting_first: bool, steps: int = 30) -> list
         if depths[-1]:
             sel.observe_step(StepRecord(8, 16, 1, 100.0, verify_t + draft_t, draft_t))
         else:
-            sel.observe_step(StepRecord(8, 8, 0, 100.0, plain_ratio * plain_t))
+            ratio = ratios[min(depths.count(0), len(ratios)) - 1]
+            sel.observe_step(StepRecord(8, 8, 0, 100.0, ratio * plain_t))
     return depths
 
 
@@ -557,6 +561,22 @@ def test_near_a_tie_the_losing_kind_is_timed_again_now_and_then():
     # after every REEXPLORE_AFTER steps of the winner in a row, one of the loser (while within EXPLORE_MARGIN)
     assert _near_tie(1.0, True, 160) == [2] * 8 + [0] * 4 + ([2] * REEXPLORE_AFTER + [0]) * 2 + [2] * 18
     assert _near_tie(1.0, False, 160) == [0] * 8 + [2] * 4 + ([0] * REEXPLORE_AFTER + [2]) * 2 + [0] * 18
+
+
+def test_a_begun_exploration_is_finished():
+    # plain decoding is faster here (0.7x), but its first timing fell in a slow spell (1.3x), after which
+    # plain steps look more than EXPLORE_MARGIN behind: they are still timed the rest of EXPLORE_STEPS times
+    assert _near_tie([1.3, 0.7], True) == [2] * 8 + [0] * 22
+    # the same first timing, then as profiled: drafting stays ahead
+    assert _near_tie([1.3, 1.0], True) == [2] * 8 + [0] * 4 + [2] * 18
+    # a loser more than twice the margin behind after its first timing is not timed again
+    assert _near_tie([2.5, 0.7], True) == [2] * 8 + [0] + [2] * 21
+    # drafting timed once (a probe, which drafted for two sequences) is re-timed only within its budget: the
+    # rest of the batch has its catch-up still to pay
+    clock = StepClock(counts={"plain": EXPLORE_AFTER, "draft": 1, "verify": 1})
+    closeness = 1 - 1.5 * EXPLORE_MARGIN
+    assert AutoTetris._explore(clock, "verify", closeness, again=True)
+    assert not AutoTetris._explore(clock, "verify", closeness, again=False)
 
 
 def test_far_from_a_tie_nothing_is_explored():
