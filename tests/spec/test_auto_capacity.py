@@ -475,7 +475,9 @@ def test_each_verify_size_is_priced_at_its_own_timings():
     for _ in range(100):
         sel.observe_step(StepRecord(8, 8, 1, 100.0, 1.2 * model.target_time(8, 8, 100.0) + draft_t, draft_t))
         sel.observe_step(StepRecord(8, 12, 1, 100.0, 0.9 * model.target_time(8, 12, 100.0) + draft_t, draft_t))
-    assert [verify_bucket(n) for n in (0, 1, 2, 3, 4, 5, 8, 9)] == [0, 1, 2, 3, 3, 4, 4, 5]
+    assert [verify_bucket(32, n) for n in (0, 1, 2, 3, 4, 5, 8, 9)] == [0, 1, 2, 3, 3, 4, 4, 5]
+    # forwards short enough for a row plan: one key per token count
+    assert [verify_bucket(8, n) for n in (0, 1, 6, 8, 9)] == [0, -9, -14, -16, 5]
     price = sel.prices(8, 100.0)
     assert price.verify[0] == pytest.approx(1.2 * model.target_time(8, 8, 100.0), rel=0.02)
     assert price.verify[4] == pytest.approx(0.9 * model.target_time(8, 12, 100.0), rel=0.02)
@@ -484,7 +486,23 @@ def test_each_verify_size_is_priced_at_its_own_timings():
     # a size's first timing, in a stall, moves its price little: clipped as any settled verify, then one of
     # 1 + SHAPE_PRIOR timings
     sel.observe_step(StepRecord(8, 14, 1, 100.0, 10 * model.target_time(8, 14, 100.0) + draft_t, draft_t))
-    assert 1.0 < sel.clock(8).shape[4] <= 1 + (SPIKE_SETTLED - 1) / (1 + SHAPE_PRIOR) + 1e-9
+    assert 1.0 < sel.clock(8).shape[verify_bucket(8, 6)] <= 1 + (SPIKE_SETTLED - 1) / (1 + SHAPE_PRIOR) + 1e-9
+
+
+def test_short_verifies_are_priced_per_token_count():
+    """A row plan that leaves a slow row count unpadded (run AM, batch 8: 14 tokens ran at 101 ms, 16 at 90):
+    each token count up to MAX_ROWS learns its own price, and the cheaper, longer verify is chosen."""
+    model = cost(per_token=0.002, fixed=0.05, draft=0.006)
+    sel = AutoTetris(max_depth=1, cost=model)
+    draft_t = model.draft_time(8, 100.0)
+    for _ in range(SETTLED):
+        sel.observe_step(StepRecord(8, 14, 1, 100.0, 1.15 * model.target_time(8, 14, 100.0) + draft_t, draft_t))
+        sel.observe_step(StepRecord(8, 16, 1, 100.0, 0.95 * model.target_time(8, 16, 100.0) + draft_t, draft_t))
+    price = sel.prices(8, 100.0)
+    assert price.verify[8] < price.verify[6]
+    # six confident drafts and two long shots: the two ride along, as 16 tokens cost less than 14
+    drafts = torch.log(torch.tensor([[0.9]] * 6 + [[0.1]] * 2))
+    assert sel.select(drafts, BatchInfo(8, 100)).tolist() == [1] * 8
 
 
 def test_a_verify_size_is_priced_no_dearer_than_the_mean_until_it_is_settled():
@@ -496,7 +514,7 @@ def test_a_verify_size_is_priced_no_dearer_than_the_mean_until_it_is_settled():
         sel.observe_step(StepRecord(8, 8, 1, 100.0, t8 + draft_t, draft_t))
     for i in range(SETTLED):  # 1-draft verifies at 1.4x
         sel.observe_step(StepRecord(8, 9, 1, 100.0, 1.4 * t9 + draft_t, draft_t))
-        rv, shape = sel.clock(8).ratio["verify"], sel.clock(8).shape[1]
+        rv, shape = sel.clock(8).ratio["verify"], sel.clock(8).shape[verify_bucket(8, 1)]
         if i < SETTLED - 1:
             assert shape > 1.0 and sel.prices(8, 100.0).verify[1] == pytest.approx(rv * t9)
     assert sel.prices(8, 100.0).verify[1] == pytest.approx(rv * shape * t9) and rv * shape > 1.2

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tetrispec.model.gemm_rows import MAX_ROWS
 from tetrispec.spec.cost_model import CostModel, StepRecord, isotonic
 from tetrispec.spec.proposer import INLINE_CATCH_UP
 from tetrispec.spec.selectors import BatchInfo, Selector
@@ -272,8 +273,15 @@ def first_forward_tokens(lag: float) -> float:
     return lag + 1 if lag < INLINE_CATCH_UP else 1
 
 
-def verify_bucket(drafts: int) -> int:
-    """Size bucket of a verify of this many drafts on top of the batch: 0, 1, 2, 3-4, 5-8, ..."""
+def verify_bucket(batch_size: int, drafts: int) -> int:
+    """Size key of a verify of this many drafts on top of the batch: while the forward's rows are few
+    enough for a row plan (gemm_rows.MAX_ROWS), its token count (negative, apart from the other keys);
+    past that, by drafts: 0, 1, 2, 3-4, 5-8, ... A short matmul's speed moves from one row count to the
+    next, and the plan a run adopts does not always pad the slow counts away: in run AM (c = 8) 14-token
+    verifies ran at 101 ms and 16-token ones at 90, where plain steps took 89; in one bucket for 5-8
+    drafts both were priced alike, 14 below 16 by the plan, and auto verified 6 of 8 drafts on 44 steps."""
+    if drafts and batch_size + drafts <= MAX_ROWS:
+        return -(batch_size + drafts)
     return (drafts - 1).bit_length() + 1 if drafts else 0
 
 
@@ -462,7 +470,7 @@ class AutoTetris(Selector):
             # draft's verification at twice what it cost, and auto verified nothing on a third of its steps
             # where fixed k=1, verifying every draft, was 3.3% faster.
             rv, shape = r["verify"], clock.priced_shape()
-            verify = [rv * shape.get(verify_bucket(c), 1.0) * max(a + mean_len * b, 1e-6)
+            verify = [rv * shape.get(verify_bucket(batch_size, c), 1.0) * max(a + mean_len * b, 1e-6)
                       for c, (a, b) in enumerate(zip(*line))]  # plain Python, see _best_capacity
             plain = r["plain"] * self.cost.target_time(batch_size, batch_size, mean_len)
             floor = plain - verify[0]
@@ -717,7 +725,7 @@ class AutoTetris(Selector):
                       self.cost.target_time(B, self._padded(record.tokens), s))]
         source = "plain" if record.depth == 0 else "verify"
         before, timed = r[source], {}
-        size = verify_bucket(record.tokens - B)
+        size = verify_bucket(B, record.tokens - B)
         for kind, measured, predicted in parts:
             n = clock.counts.get(kind, 0)
             ratio = min(max(measured / predicted, 0.25), 8.0)
