@@ -273,6 +273,12 @@ def first_forward_tokens(lag: float) -> float:
     return lag + 1 if lag < INLINE_CATCH_UP else 1
 
 
+def lag_apart(lag: float) -> float:
+    """Tokens of this lag that auto prices as a catch-up of their own (at a lag of exactly INLINE_CATCH_UP
+    it counts neither these nor the first forward's extra tokens: see first_forward_tokens)."""
+    return lag if lag > INLINE_CATCH_UP else 0.0
+
+
 def verify_bucket(batch_size: int, drafts: int) -> int:
     """Size key of a verify of this many drafts on top of the batch: while the forward's rows are few
     enough for a row plan (gemm_rows.MAX_ROWS), its token count (negative, apart from the other keys);
@@ -560,7 +566,7 @@ class AutoTetris(Selector):
         # Turning drafting back on after plain steps pays the draft's catch-up at once, priced as spread over the
         # output left; near a tie the clocks' noise turned it off again a step later, and the catch-up was paid
         # for nothing (run AJ, c = 16: twice in 30 steps, 500-900 prompt tokens each, about 100 ms a time).
-        apart = sum(lags[i] for i in (range(B) if rows is None else rows) if lags[i] > INLINE_CATCH_UP)
+        apart = sum(lag_apart(lags[i]) for i in (range(B) if rows is None else rows))
         paying = clock.plain_run > 0 and apart > 0
         # Re-timing drafting pays the catch-up on every plain step since it last ran (B tokens a step): at c = 32 one
         # re-timing after 64 plain steps read 3,319 tokens, about 0.9% of the run, so it waits for its budget.
@@ -610,7 +616,7 @@ class AutoTetris(Selector):
         """
         B = batch.batch_size
         remaining = list(batch.remainings) if batch.remainings else [batch.remaining] * B
-        catch_up = [draft_ratio * self.cost.catch_up_time(lag) if lag > INLINE_CATCH_UP else 0.0 for lag in lags]
+        catch_up = [draft_ratio * self.cost.catch_up_time(lag_apart(lag)) for lag in lags]
         means = list(itertools.accumulate(self.level_means))  # expected accepted drafts per sequence, to depth d
         order = sorted(range(B), key=lambda i: catch_up[i] / max(remaining[i], 1.0))
         # the first draft forward over the m cheapest to catch up on (it also reads their short lags), a deeper one
@@ -663,7 +669,7 @@ class AutoTetris(Selector):
             return False
         if 0 < timed < EXPLORE_STEPS:
             return again and closeness >= 1 - 2 * EXPLORE_MARGIN
-        return closeness >= 1 - EXPLORE_MARGIN and (timed < EXPLORE_STEPS or (again and run >= REEXPLORE_AFTER))
+        return closeness >= 1 - EXPLORE_MARGIN and (timed == 0 or (again and run >= REEXPLORE_AFTER))
 
     def _probe_due(self, probe_cost: float) -> bool:
         return self.steps_without_draft >= self.probe_interval and self.plain_seconds * PROBE_BUDGET >= probe_cost
