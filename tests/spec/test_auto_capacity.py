@@ -9,6 +9,8 @@ import torch
 from tetrispec.spec.auto_capacity import (
     EXPLORE_AFTER,
     EXPLORE_MARGIN,
+    LEVEL_ROWS,
+    LEVEL_WEIGHT,
     PROBE_BUDGET,
     PROBE_ROWS,
     REEXPLORE_AFTER,
@@ -735,6 +737,48 @@ def test_levels_not_drafted_drop_to_the_projection_at_once():
     sel.level_means[1] = 0.0  # below the projection: it climbs back by the EMA only
     sel.select(torch.log(torch.full((8, 1), 0.3)), BatchInfo(8, 0.0))
     assert sel.level_means[1] == pytest.approx(0.1 * projected[1])
+
+
+def test_a_few_unconfident_drafts_at_batch_one_move_the_level_means_little():
+    """At batch 1 a step is one request's draft: its weight in the per-depth means is a LEVEL_ROWS-th of a
+    full step's, so a short patch of unconfident drafts does not turn drafting off."""
+    def after_patch(batch_size: int) -> float:
+        sel = AutoTetris(max_depth=2, cost=cost(per_token=0.001))
+        sel.level_means = [0.5, 0.3]
+        for _ in range(5):
+            sel.select(torch.log(torch.full((batch_size, 2), 0.03)), BatchInfo(batch_size, 100.0))
+        return sel.level_means[0]
+
+    low = AutoTetris(max_depth=2).estimator.estimate(0.03, 0).item()
+    assert after_patch(8) == pytest.approx(low + (0.5 - low) * (1 - LEVEL_WEIGHT) ** 5)
+    assert after_patch(1) == pytest.approx(low + (0.5 - low) * (1 - LEVEL_WEIGHT / LEVEL_ROWS) ** 5)
+    assert after_patch(1) > 0.45
+
+
+def test_level_means_drift_back_while_drafting_is_paused():
+    """Means left low by a patch of unconfident drafts are not refreshed while nothing is drafted: after
+    16 plain steps in a row they drift back to their long-run values, and drafting resumes. At batch 1,
+    where most first drafts are unconfident (the median estimate is low, the mean is not), only the
+    means say that drafting pays."""
+    model = cost(per_token=0.002, fixed=0.05, draft=0.006)
+    sel = AutoTetris(max_depth=1, cost=model, probe_every=10**6)  # no probes: only the drift can restart drafting
+    for _ in range(100):  # first drafts: 40% confident, 60% hopeless
+        sel.estimator.count_transitions(np.array([[0.97]] * 4 + [[0.03]] * 6))
+    baseline = sel.level_baseline = list(sel.estimator.typical_level_means(1))
+    assert baseline[0] > 0.3 and sel.estimator.typical_first_estimates(1)[0] < 0.1
+    batch = BatchInfo(1, 100)
+    sel.level_means = [0.02]
+    assert sel.depth(batch) == 0
+    plain = StepRecord(1, 1, 0, 100.0, model.target_time(1, 1, 100.0))
+    for _ in range(16):  # a short pause keeps them
+        sel.observe_step(plain)
+    assert sel.level_means == [0.02]
+    depths = []
+    for _ in range(200):
+        sel.observe_step(plain)
+        depths.append(sel.depth(batch))
+    assert sel.level_means == pytest.approx(baseline, rel=0.05)
+    assert depths[0] == 0 and depths[-1] == 1
 
 
 def test_a_stalled_step_moves_the_clock_little_and_a_slower_host_is_still_followed():

@@ -417,6 +417,15 @@ SPIKE_SETTLED = 1.1
 # A verify size's correction (StepClock.shape) starts as this many timings of 1.0: a size is chosen only while it
 # pays, so one first timing in a slow spell, counted in full, could price it out for good.
 SHAPE_PRIOR = 4
+# The per-depth means (level_means) are an EMA of each drafting step's mean cumulative estimate, at weight
+# LEVEL_WEIGHT for a step of LEVEL_ROWS or more drafted sequences and in proportion below: at batch 1 one step
+# is one request's draft, and at weight 0.1 a handful of unconfident drafts made drafting look unpaying (run
+# AO, c = 1), though a draft after an unconfident one is still accepted 26% of the time (39% overall).
+LEVEL_WEIGHT, LEVEL_ROWS = 0.1, 8
+# While drafting is paused (past 16 plain steps in a row), the means drift back toward their long-run values
+# (an EMA at a tenth of the weight) by this much a step: nothing is drafted to refresh them, and in run AO
+# auto decoded plainly for about 170 steps after the clocks had come back to favour drafting.
+LEVEL_DRIFT = 0.02
 
 
 class AutoTetris(Selector):
@@ -434,6 +443,7 @@ class AutoTetris(Selector):
         # flat prior claimed every token past the first is accepted for sure: at batch 64 on a fresh
         # estimator that priced four levels as paying and drafted the whole batch's prompts)
         self.level_means = [float(m) for m in self.estimator.typical_level_means(max_depth)]
+        self.level_baseline = list(self.level_means)  # their long-run values (LEVEL_DRIFT)
         self.steps_without_draft = 0
         self.plain_seconds = 0.0  # predicted time of the plain steps since drafting last ran
         self.last_capacity = 0
@@ -518,6 +528,7 @@ class AutoTetris(Selector):
                 self.level_means[j] = float(m)
             for j in range(1, self.max_depth):  # deeper than what was saved: no more than the level above
                 self.level_means[j] = min(self.level_means[j], self.level_means[j - 1])
+            self.level_baseline = list(self.level_means)
 
     # --- how deep to draft, and for whom ---------------------------------------------------
     def depth(self, batch: BatchInfo) -> int:
@@ -721,6 +732,8 @@ class AutoTetris(Selector):
         if clock.plain_run > 16:
             for kind in ("draft", "verify"):
                 r[kind] += RATIO_DRIFT * (r["plain"] - r[kind])
+            for j, m in enumerate(self.level_baseline):  # likewise the per-depth means (LEVEL_DRIFT)
+                self.level_means[j] += LEVEL_DRIFT * (m - self.level_means[j])
         if clock.spec_run > 16:
             r["plain"] += RATIO_DRIFT * (r["verify"] - r["plain"])
         if record.depth == 0:
@@ -808,8 +821,11 @@ class AutoTetris(Selector):
         q, cum = self._running_estimates(draft_logprobs)
         rows = [i for i, p in enumerate(q) if p[0] > 0]  # rows a probe left out have q = 0 (Proposal.scatter)
         drafted = [cum[i] for i in rows]
+        weight = LEVEL_WEIGHT * min(len(drafted), LEVEL_ROWS) / LEVEL_ROWS
         for j in range(K):
-            self.level_means[j] = 0.9 * self.level_means[j] + 0.1 * sum(row[j] for row in drafted) / len(drafted)
+            m = sum(row[j] for row in drafted) / len(drafted)
+            self.level_means[j] += weight * (m - self.level_means[j])
+            self.level_baseline[j] += weight / 10 * (m - self.level_baseline[j])
         if K < self.max_depth:
             self._project_levels(K)
         price = self.prices(B, batch.mean_len)
