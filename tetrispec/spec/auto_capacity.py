@@ -258,13 +258,16 @@ class StepClock:
     # bucket's timings over the verify ratio, and how many there were. A bucket not timed yet prices at 1.0.
     shape: dict[int, float] = field(default_factory=dict)
     shape_counts: dict[int, int] = field(default_factory=dict)
+    shape_timed: dict[int, int] = field(default_factory=dict)  # the speculative step (spec_steps) a size was last timed
+    spec_steps: int = 0
+    uniform: int = 0  # verifies timed of the same drafts for every sequence (the verify ratio's; observe_step)
 
     def priced_shape(self) -> dict[int, float]:
-        """The size corrections prices use: a size timed fewer than SETTLED times is priced no dearer than
-        the mean verify. A size is timed only when it is chosen, so one priced out by its first timings (two
-        1-draft verifies at batch 1 in a slow spell, 2.1x) was never chosen again, and auto drafted one
+        """The size corrections prices use: a size timed fewer than SHAPE_SETTLED times is priced no dearer
+        than the verify ratio. A size is timed only when it is chosen, so one priced out by its first timings
+        (two 1-draft verifies at batch 1 in a slow spell, 2.1x) was never chosen again, and auto drafted one
         level and verified nothing on 208 of 560 steps."""
-        return {b: s if self.shape_counts[b] >= SETTLED else min(s, 1.0) for b, s in self.shape.items()}
+        return {b: s if self.shape_counts[b] >= SHAPE_SETTLED else min(s, 1.0) for b, s in self.shape.items()}
 
 
 def first_forward_tokens(lag: float) -> float:
@@ -289,6 +292,11 @@ def verify_bucket(batch_size: int, drafts: int) -> int:
     if drafts and batch_size + drafts <= MAX_ROWS:
         return -(batch_size + drafts)
     return (drafts - 1).bit_length() + 1 if drafts else 0
+
+
+def uniform_bucket(bucket: int, batch_size: int) -> bool:
+    """Whether verify_bucket(batch_size, ...) keys verifies of the same drafts for every sequence (see observe_step)."""
+    return bucket == 0 or (bucket < 0 and -bucket % batch_size == 0)
 
 
 def best_capacity(values, batch_size: int, fixed_time: float, cost: CostModel, mean_len: float,
@@ -416,7 +424,14 @@ SPIKE = 1.5
 SPIKE_SETTLED = 1.1
 # A verify size's correction (StepClock.shape) starts as this many timings of 1.0: a size is chosen only while it
 # pays, so one first timing in a slow spell, counted in full, could price it out for good.
-SHAPE_PRIOR = 4
+SHAPE_PRIOR = 2
+# ... it is priced no dearer than the verify ratio until timed this many times, and once it has gone untimed for
+# 16 speculative steps it drifts back toward 1.0 by SHAPE_DRIFT a step, so a size priced out in a slow spell is
+# tried again.
+# (Held at 1.0 for 20 timings, the dear sizes at batch 4, 5-7 tokens at 1.03-1.2x the profile where 8 ran at
+# 0.99-1.08x, were chosen all run long: runs AM, AO and AP.)
+SHAPE_SETTLED = 4
+SHAPE_DRIFT = 0.01
 # The per-depth means (level_means) are an EMA of each drafting step's mean cumulative estimate, at weight
 # LEVEL_WEIGHT for a step of LEVEL_ROWS or more drafted sequences and in proportion below: at batch 1 one step
 # is one request's draft, and at weight 0.1 a handful of unconfident drafts made drafting look unpaying (run
@@ -460,7 +475,8 @@ class AutoTetris(Selector):
         """This step's StepPrices (the clock only moves between steps, so the key changes every step)."""
         clock = self.clock(batch_size)
         r = clock.ratio
-        key = (batch_size, mean_len, r["plain"], r["draft"], r["verify"], tuple(clock.shape.items()), id(self.cost))
+        key = (batch_size, mean_len, r["plain"], r["draft"], r["verify"], tuple(clock.shape.items()), clock.uniform > 0,
+               id(self.cost))
         if self._prices is None or self._prices.key != key:
             if self._lines_cost is not self.cost:
                 self._verify_lines, self._lines_cost = {}, self.cost
@@ -486,8 +502,12 @@ class AutoTetris(Selector):
             # draft's verification at twice what it cost, and auto verified nothing on a third of its steps
             # where fixed k=1, verifying every draft, was 3.3% faster.
             rv, shape = r["verify"], clock.priced_shape()
-            verify = [rv * shape.get(verify_bucket(batch_size, c), 1.0) * max(a + mean_len * b, 1e-6)
-                      for c, (a, b) in enumerate(zip(*line))]  # plain Python, see _best_capacity
+            # Until a uniform verify is timed here, the ratio is the ragged ones' (observe_step), and a uniform
+            # size not timed yet is priced no dearer than plain steps run: otherwise the full level, which the
+            # profile prices best, may never be tried.
+            untimed = min(1.0, r["plain"] / rv) if not clock.uniform and clock.counts.get("plain") else 1.0
+            verify = [rv * shape.get(verify_bucket(batch_size, c), untimed if c % batch_size == 0 else 1.0)
+                      * max(a + mean_len * b, 1e-6) for c, (a, b) in enumerate(zip(*line))]  # see _best_capacity
             plain = r["plain"] * self.cost.target_time(batch_size, batch_size, mean_len)
             floor = plain - verify[0]
             if floor > 0:
@@ -745,6 +765,14 @@ class AutoTetris(Selector):
         source = "plain" if record.depth == 0 else "verify"
         before, timed = r[source], {}
         size = verify_bucket(B, record.tokens - B)
+        # Once a uniform verify (the same number of drafts for every sequence) has been timed, only uniform
+        # ones move the verify ratio: the profile times such forwards, and prices ragged ones between them,
+        # sometimes well off. With every verify in the ratio, the sizes auto chose (at batch 4, 5-7 tokens at
+        # 1.03-1.2x the profile) set it, the full level (8 tokens at 0.99-1.08x, fixed k=1's) was priced as
+        # dear and never tried, and auto decoded plainly on 120 of 189 steps where fixed k=1 was 1.9% ahead
+        # (run AP). A ragged verify then teaches its own size's correction only, and when a uniform one moves
+        # the ratio the ragged sizes' corrections are rescaled so that their prices stand.
+        ragged = record.tokens % B != 0
         for kind, measured, predicted in parts:
             n = clock.counts.get(kind, 0)
             ratio = min(max(measured / predicted, 0.25), 8.0)
@@ -752,12 +780,25 @@ class AutoTetris(Selector):
                 spike = SPIKE if n < SETTLED else SPIKE_SETTLED
                 expected = r[kind] * (clock.shape.get(size, 1.0) if kind == "verify" else 1.0)
                 ratio = min(max(ratio, expected / spike), spike * expected)
-            weight = max(1 / SETTLED, 1.0 / (n + 1))  # the mean of the timings here; the prior only until the first
-            r[kind] = (1 - weight) * r[kind] + weight * ratio
             clock.counts[kind], timed[kind] = n + 1, ratio
-        if record.depth:  # this verify's size against verifies of every size (the ratio just updated)
+            if kind == "verify" and (clock.uniform or not ragged):
+                if ragged:
+                    continue
+                n, clock.uniform = clock.uniform, clock.uniform + 1
+            weight = max(1 / SETTLED, 1.0 / (n + 1))  # the mean of the timings here; the prior only until the first
+            old, r[kind] = r[kind], (1 - weight) * r[kind] + weight * ratio
+            if kind == "verify" and not ragged:
+                for b in clock.shape:
+                    if not uniform_bucket(b, B):
+                        clock.shape[b] *= old / r[kind]
+        if record.depth:  # this verify's size against the verify ratio
             n = clock.shape_counts.get(size, 0)
             weight = max(1 / SETTLED, 1.0 / (n + 1 + SHAPE_PRIOR))
+            clock.spec_steps += 1
+            for b, x in clock.shape.items():  # sizes not timed for a while drift back toward the ratio
+                if clock.spec_steps - clock.shape_timed[b] > 16:
+                    clock.shape[b] = x + SHAPE_DRIFT * (1.0 - x)
+            clock.shape_timed[size] = clock.spec_steps
             clock.shape[size] = (1 - weight) * clock.shape.get(size, 1.0) + weight * timed["verify"] / r["verify"]
             clock.shape_counts[size] = n + 1
         for kind in r.keys() - clock.counts.keys():  # not timed here yet: moves as the timed kind did
