@@ -511,7 +511,7 @@ def test_short_verifies_are_priced_per_token_count():
     assert sel.select(drafts, BatchInfo(8, 100)).tolist() == [1] * 8
 
 
-def test_a_verify_size_is_priced_no_dearer_than_the_mean_until_it_is_settled():
+def test_a_verify_size_is_priced_no_dearer_than_the_ratio_until_it_is_settled():
     """A size is timed only when chosen: priced out by a few slow first timings, it would never be tried again."""
     model = cost(per_token=0.002, fixed=0.05, draft=0.006)
     sel = AutoTetris(max_depth=2, cost=model)

@@ -258,8 +258,7 @@ class StepClock:
     # bucket's timings over the verify ratio, and how many there were. A bucket not timed yet prices at 1.0.
     shape: dict[int, float] = field(default_factory=dict)
     shape_counts: dict[int, int] = field(default_factory=dict)
-    shape_timed: dict[int, int] = field(default_factory=dict)  # the speculative step (spec_steps) a size was last timed
-    spec_steps: int = 0
+    shape_timed: dict[int, int] = field(default_factory=dict)  # the verify timing (counts) a size was last timed at
     uniform: int = 0  # verifies timed of the same drafts for every sequence (the verify ratio's; observe_step)
 
     def priced_shape(self) -> dict[int, float]:
@@ -781,10 +780,11 @@ class AutoTetris(Selector):
                 expected = r[kind] * (clock.shape.get(size, 1.0) if kind == "verify" else 1.0)
                 ratio = min(max(ratio, expected / spike), spike * expected)
             clock.counts[kind], timed[kind] = n + 1, ratio
-            if kind == "verify" and (clock.uniform or not ragged):
-                if ragged:
+            if kind == "verify":
+                if ragged and clock.uniform:  # its own size's correction only (below)
                     continue
-                n, clock.uniform = clock.uniform, clock.uniform + 1
+                if not ragged:
+                    n, clock.uniform = clock.uniform, clock.uniform + 1
             weight = max(1 / SETTLED, 1.0 / (n + 1))  # the mean of the timings here; the prior only until the first
             old, r[kind] = r[kind], (1 - weight) * r[kind] + weight * ratio
             if kind == "verify" and not ragged:
@@ -794,11 +794,11 @@ class AutoTetris(Selector):
         if record.depth:  # this verify's size against the verify ratio
             n = clock.shape_counts.get(size, 0)
             weight = max(1 / SETTLED, 1.0 / (n + 1 + SHAPE_PRIOR))
-            clock.spec_steps += 1
+            step = clock.counts["verify"]  # speculative steps timed in this range, this one included
             for b, x in clock.shape.items():  # sizes not timed for a while drift back toward the ratio
-                if clock.spec_steps - clock.shape_timed[b] > 16:
+                if step - clock.shape_timed[b] > 16:
                     clock.shape[b] = x + SHAPE_DRIFT * (1.0 - x)
-            clock.shape_timed[size] = clock.spec_steps
+            clock.shape_timed[size] = step
             clock.shape[size] = (1 - weight) * clock.shape.get(size, 1.0) + weight * timed["verify"] / r["verify"]
             clock.shape_counts[size] = n + 1
         for kind in r.keys() - clock.counts.keys():  # not timed here yet: moves as the timed kind did
